@@ -93,17 +93,21 @@ class LLaMAConfig:
         return d
 
 
-def load_config(path):
-    """LLaMAConfig from `path/config.json`, with one-line errors naming the file."""
+def read_config_json(path):
+    """The raw dict of `path/config.json`, with one-line errors naming the file."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{cfg_path}: not found (expected a Hugging Face LLaMA directory)")
     try:
         with open(cfg_path) as f:
-            d = json.load(f)
+            return json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg_path}: malformed JSON ({e})") from None
-    return LLaMAConfig.from_hf_dict(d, source=cfg_path), d
+
+
+def load_config(path):
+    """LLaMAConfig from `path/config.json`."""
+    return LLaMAConfig.from_hf_dict(read_config_json(path), source=os.path.join(path, "config.json"))
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -201,7 +205,7 @@ class Attention(nn.Module):
             v = cache.v[self.layer_idx][:, :, :start_pos + T]
         n_rep = self.n_heads // self.n_kv_heads
         k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)                          # (B, H, S, d)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)        # (B, H, T, d)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None)  # (B, H, T, d)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -269,6 +273,8 @@ class Transformer(nn.Module):
         k_idx = torch.arange(S, device=input_ids.device)[None, :]             # (1, S)
         attn_mask = ((k_idx <= q_idx) & real[:, None, :]) | (k_idx == q_idx)   # (B, T, S)
         attn_mask = attn_mask[:, None]                                         # (B, 1, T, S)
+        if cache is None and bool(real.all()):
+            attn_mask = None          # no pads and no cache: SDPA's built-in causal kernel (faster) does the same
         for layer in self.layers:
             x = layer(x, cos, sin, attn_mask, cache, start_pos)
         return self.norm(x)
@@ -284,14 +290,15 @@ class LLaMA(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.apply(lambda m: init_weights(m, cfg.initializer_range))
+        if not self.lm_head.weight.is_meta:      # from_pretrained builds on meta: no init, the weights come from disk
+            self.apply(lambda m: init_weights(m, cfg.initializer_range))
 
     def forward(self, input_ids, attention_mask=None, cache=None, start_pos=0):
         return self.lm_head(self.model(input_ids, attention_mask, cache, start_pos))
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
-        cfg, _ = load_config(path)
+        cfg = load_config(path)
         with torch.device("meta"):                   # no memory for the random init: weights come from disk
             model = cls(cfg)
         load_weights(model, path, dtype=dtype, device=device)
