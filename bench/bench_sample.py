@@ -1,0 +1,106 @@
+"""Benchmark of nanorlcd/sample.py: tokens/s of KV-cached generation vs. no-cache recomputation vs. Hugging Face
+transformers `generate` (if installed) on the same random weights.
+
+What: a ~58M-parameter LLaMA (vocab 32000, width 512, 8 layers; random init, fp32) generates 64 new tokens
+greedily after ragged prompts (16-40 tokens, left-padded) at batch 1 and batch 8. EOS is disabled everywhere so
+every method produces exactly batch x 64 tokens. Each timing is the best of --repeats runs (the naive path runs
+once: it is O(T^2)); we print wall-clock and process-CPU throughput (the latter is robust to a shared machine
+with --threads 1). Both libraries load the same saved directory, and we report whether transformers' greedy
+tokens equal ours (a parity check of model.py + sample.py).
+Target (DESIGN.md): cached >= 1.5x transformers at batch 8 on CPU.
+Run (repo root): `python -m bench.bench_sample [--threads N] [--repeats R] [--new-tokens 64] [--skip-naive]`
+"""
+import argparse
+import random
+import tempfile
+import time
+
+import torch
+
+from nanorlcd.model import LLaMA, LLaMAConfig
+from nanorlcd.sample import generate, generate_naive
+from nanorlcd.tokenizer import left_pad
+
+CONFIG = LLaMAConfig(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                     num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=512)
+
+
+def best_time(fn, repeats):
+    """Smallest wall time and smallest process CPU time of `repeats` calls (the least disturbed by other
+    processes; with --threads 1 the CPU time barely depends on the machine's load), and the last result."""
+    wall, cpu = float("inf"), float("inf")
+    for _ in range(repeats):
+        w0, c0 = time.perf_counter(), time.process_time()
+        out = fn()
+        wall, cpu = min(wall, time.perf_counter() - w0), min(cpu, time.process_time() - c0)
+    return (wall, cpu), out
+
+
+def hf_generate_fn(hf_model, prompts, new_tokens):
+    """A closure running transformers' greedy `generate` on the same left-padded batch; returns new tokens."""
+    ids, mask = left_pad(prompts, 0)
+
+    def run():
+        with torch.no_grad():
+            out = hf_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                    do_sample=False)
+        return out[:, ids.shape[1]:].tolist()
+    return run
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
+    parser.add_argument("--repeats", type=int, default=3, help="timings per method; the best is reported")
+    parser.add_argument("--new-tokens", type=int, default=64, help="new tokens per row")
+    parser.add_argument("--skip-naive", action="store_true", help="skip the slow no-cache recomputation")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    # random weights, saved once; both libraries load the same directory (same loading path as a real checkpoint)
+    torch.manual_seed(0)
+    tmp = tempfile.TemporaryDirectory()
+    LLaMA(CONFIG).save_pretrained(tmp.name)
+    model = LLaMA.from_pretrained(tmp.name)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params / 1e6:.1f}M params, fp32, CPU, {args.threads} threads, torch {torch.__version__}")
+
+    try:
+        import transformers
+        from transformers import LlamaForCausalLM
+        hf_model = LlamaForCausalLM.from_pretrained(tmp.name, dtype=torch.float32).eval()
+        hf_model.generation_config.eos_token_id = None          # no early stop: exactly new_tokens per row
+        hf_model.generation_config.pad_token_id = 0
+        print(f"transformers {transformers.__version__} ({hf_model.config._attn_implementation} attention)")
+    except ImportError:
+        hf_model = None
+        print("transformers not installed: skipping its generate")
+
+    rng = random.Random(0)
+    for batch in (1, 8):
+        # ragged prompts of random ids (BOS first), 16-40 tokens
+        prompts = [[1] + [rng.randrange(3, CONFIG.vocab_size) for _ in range(rng.randint(15, 39))]
+                   for _ in range(batch)]
+        n_tokens = batch * args.new_tokens
+        kw = dict(temperature=0, eos_id=[])
+        results = {}
+        cached_s, cached = best_time(lambda: generate(model, prompts, args.new_tokens, **kw), args.repeats)
+        results["nanorlcd cached"] = cached_s
+        if not args.skip_naive:
+            naive_s, naive = best_time(lambda: generate_naive(model, prompts, args.new_tokens, **kw), 1)
+            results["nanorlcd naive (no cache)"] = naive_s
+            assert naive.tokens == cached.tokens, "naive and cached greedy tokens differ"
+        if hf_model is not None:
+            hf_s, hf_tokens = best_time(hf_generate_fn(hf_model, prompts, args.new_tokens), args.repeats)
+            results["transformers generate"] = hf_s
+            same = sum(a == b for a, b in zip(hf_tokens, cached.tokens))
+            print(f"batch {batch}: greedy tokens equal to transformers in {same}/{batch} rows")
+        assert all(len(t) == args.new_tokens for t in cached.tokens)
+        for name, (wall, cpu) in results.items():
+            print(f"batch {batch}  {name:26s} wall {n_tokens / wall:7.1f} tok/s ({wall:6.2f} s, cached "
+                  f"{wall / cached_s[0]:5.2f}x faster)   cpu {n_tokens / cpu:7.1f} tok/s ({cpu:6.2f} s, cached "
+                  f"{cpu / cached_s[1]:5.2f}x faster)")
+
+
+if __name__ == "__main__":
+    main()
