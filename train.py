@@ -129,7 +129,9 @@ def stage_pretrain(run):
     if run.p.toy is None:
         raise SystemExit(f"error: --stage pretrain builds the toy world's base model; preset {run.args.preset} "
                          "starts from a real LLaMA given with --base")
-    return toy.pretrain_toy(run.base, preset=run.p.toy, overwrite=run.args.overwrite)
+    summary = toy.pretrain_toy(run.base, preset=run.p.toy, overwrite=run.args.overwrite)
+    _summarise(run, "pretrain", summary)
+    return summary
 
 
 def stage_simulate(run, method):
