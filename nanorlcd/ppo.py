@@ -95,9 +95,11 @@ class PPOConfig:
 
 
 # The toy world (CPU, ~1.2 M parameter LLaMA, replies <= ~30 tokens): small batches, the paper's 2 epochs, a larger
-# lr and β. Cost is dominated by the update's forward/backward over prompt + reply tokens (~10 s/step on 2 cores).
-TOY = replace(PPOConfig(), steps=30, rollout_batch_size=64, minibatch_size=32, micro_batch_size=8,
-              gen_batch_size=64, max_new_tokens=48, kl_coef=0.05, lr=1e-4, save_every=0, table_every=10)
+# lr and β. Measured on the `toy` preset's base and PM (300 test prompts, T = 1): harmless 94-98 %, invalid 0.3-3 %
+# over seeds at 12-16 steps (base: 46 %, 0 %); β = 0.05 or 30 steps drift into invalid replies that the PM still
+# likes (up to 6 %). 6-11 s per step measured on a shared 2-core machine (one thread).
+TOY = replace(PPOConfig(), steps=16, rollout_batch_size=64, minibatch_size=32, micro_batch_size=8,
+              gen_batch_size=64, max_new_tokens=48, kl_coef=0.2, lr=1e-4, save_every=0, table_every=4)
 
 
 # ----------------------------------------------------------------------------- masked statistics
