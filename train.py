@@ -34,7 +34,7 @@ from nanorlcd.model import LLaMA
 from nanorlcd.pm import PMConfig, PreferenceModel, oracle_accuracy, train_pm
 from nanorlcd.ppo import TOY as TOY_PPO, PPOConfig, response_logprobs, train_ppo
 from nanorlcd.rlcd import METHODS, RLCDConfig, simulate
-from nanorlcd.sample import chat
+from nanorlcd.sample import HUMAN_TURN, generate
 from nanorlcd.sft import SFTConfig, train_lm
 from nanorlcd.tokenizer import Tokenizer, left_pad
 
@@ -222,22 +222,32 @@ def stage_ppo(run, method):
 
 
 def stage_sample(run, name):
-    """Replies of a policy (`base`, `sft`, `ppo-<method>` or a path) on held-out prompts, temperature 1; toy world:
-    the oracle's harmless / harmful / invalid rates, and the policy's KL to the base on its own replies."""
+    """Replies of a policy (`base`, `sft`, `ppo-<method>` or a path) on held-out prompts at temperature 1; the
+    policy's KL to the base on its own replies; toy world: the oracle's harmless / harmful / invalid rates."""
     policy_dir = run.base if name == "base" else name if os.path.isdir(name) else os.path.join(
         run.dir, name, "policy") if name.startswith("ppo-") else os.path.join(run.dir, name)
     stage = "ppo --method " + name[4:] if name.startswith("ppo-") else name
     run.need(os.path.join(policy_dir, "config.json"), stage)
     policy, tok = LLaMA.from_pretrained(policy_dir, device=dist.device()), Tokenizer(policy_dir)
+    base = None if os.path.abspath(policy_dir) == os.path.abspath(run.base) else \
+        LLaMA.from_pretrained(run.base, device=dist.device())
     prompts = dist.shard(run.prompts(run.p.eval_prompts, "eval prompts")[:run.p.n_eval])
     gen = torch.Generator(device=dist.device()).manual_seed(1000 + dist.rank())
-    replies = []
+    replies, kls = [], []
     for i in range(0, len(prompts), 64):
-        replies += chat(policy, tok, prompts[i:i + 64], max_new_tokens=run.p.sample_max_new_tokens,
-                        temperature=1.0, top_p=run.p.sample_top_p, generator=gen)
-    kl = kl_to_base(policy, LLaMA.from_pretrained(run.base, device=dist.device()), tok, prompts, replies) \
-        if os.path.abspath(policy_dir) != os.path.abspath(run.base) else [0.0] * len(prompts)
-    rows = dist.gather([{"prompt": p, "response": r, "kl": k} for p, r, k in zip(prompts, replies, kl)])
+        ids = [tok.encode(p) for p in prompts[i:i + 64]]
+        out = generate(policy, ids, run.p.sample_max_new_tokens, temperature=1.0, top_p=run.p.sample_top_p,
+                       eos_id=tok.eos_id, stop_strings=[HUMAN_TURN], tokenizer=tok, generator=gen, pad_id=tok.pad_id)
+        replies += [tok.decode(t).split(HUMAN_TURN)[0].strip() for t in out.tokens]   # as sample.chat cuts them
+        # KL(π‖π_base) ≈ Σ_t log π(y_t) − log π_base(y_t) on the exact sampled tokens y ~ π (at T = 1)
+        if base is None:
+            kls += [0.0] * len(ids)
+        else:
+            q_ids, q_mask = (t.to(dist.device()) for t in left_pad(ids, tok.pad_id))
+            with torch.no_grad():
+                base_lp = response_logprobs(base, q_ids, q_mask, out.response_ids, out.response_mask, 1.0)
+            kls += ((out.logprobs - base_lp) * out.response_mask).sum(-1).tolist()      # (B,)
+    rows = dist.gather([{"prompt": p, "response": r, "kl": k} for p, r, k in zip(prompts, replies, kls)])
     summary = {"n": len(rows), "kl_to_base": sum(r["kl"] for r in rows) / len(rows)}
     if run.p.toy:
         labels = [toy.judge(r["prompt"], r["response"]) for r in rows]
@@ -249,25 +259,6 @@ def stage_sample(run, name):
                 f.write(json.dumps(r) + "\n")
     _summarise(run, f"sample-{name}", summary)
     return summary
-
-
-@torch.no_grad()
-def kl_to_base(policy, base, tok, prompts, replies):
-    """Sequence KL(π‖π_base) estimated on the policy's own replies: Σ_t log π(y_t) − log π_base(y_t)."""
-    kls = []
-    for i in range(0, len(prompts), 64):
-        q_ids, q_mask = tok.encode_batch(prompts[i:i + 64])
-        rows = [tok.encode(" " + r, bos=False) or [tok.eos_id] for r in replies[i:i + 64]]
-        r_ids, r_mask = _right_pad(rows, tok.pad_id)
-        args = [t.to(dist.device()) for t in (q_ids, q_mask, r_ids, r_mask)]
-        diff = (response_logprobs(policy, *args, 1.0) - response_logprobs(base, *args, 1.0)) * args[3]
-        kls += diff.sum(-1).tolist()
-    return kls
-
-
-def _right_pad(rows, pad_id):
-    ids, mask = left_pad([r[::-1] for r in rows], pad_id)     # pad on the left of the reversed rows ...
-    return ids.flip(-1), mask.flip(-1)                        # ... = right padding
 
 
 def _summarise(run, stage, summary):
