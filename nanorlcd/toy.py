@@ -17,14 +17,17 @@ import json
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import sentencepiece as spm
 import torch
 
+from nanorlcd import dist, sample
+from nanorlcd.model import LLaMA, LLaMAConfig
 from nanorlcd.prompts import (HARMLESS_NEGATIVE_AFFIXES, HARMLESS_POSITIVE_AFFIXES, HELPFUL_NEGATIVE_AFFIXES,
                               HELPFUL_POSITIVE_AFFIXES, apply_affixes)
 from nanorlcd.sft import SFTConfig, train_lm
+from nanorlcd.tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------------------------------------------
 # The world: topics, human paraphrases, and the two assistant styles.
@@ -254,7 +257,6 @@ def evaluate_affix_following(model, tokenizer, prompts, max_new_tokens=64, tempe
     Returns rates over all replies of a condition: pos/harmless, neg/harmful, plain/harmless and valid (over
     the three conditions), and the same four with the suffix "/style" from the topic-free oracle.
     """
-    from nanorlcd.sample import chat
     rng = random.Random(seed)
     pairs = [rng.randrange(len(HARMLESS_POSITIVE_AFFIXES)) for _ in prompts]  # one harmlessness pair per prompt
     conditions = {
@@ -271,8 +273,8 @@ def evaluate_affix_following(model, tokenizer, prompts, max_new_tokens=64, tempe
     for name, dialogues in conditions.items():
         replies[name] = []
         for i in range(0, len(dialogues), batch_size):
-            replies[name] += chat(model, tokenizer, dialogues[i:i + batch_size], max_new_tokens=max_new_tokens,
-                                  temperature=temperature, generator=generator)
+            replies[name] += sample.chat(model, tokenizer, dialogues[i:i + batch_size],
+                                         max_new_tokens=max_new_tokens, temperature=temperature, generator=generator)
     model.train(was_training)
     rates = {}
     # strict oracle, then the topic-free one ("/style": right kind of reply, perhaps about another topic)
@@ -291,9 +293,6 @@ def evaluate_affix_following(model, tokenizer, prompts, max_new_tokens=64, tempe
 def pretrain_toy(out_dir, preset="toy", overwrite=False):
     """Build the corpus and tokenizer, pretrain the tiny base LLaMA, save it to out_dir (HF layout +
     tokenizer.model + log.jsonl) and measure affix following on the test prompts. Returns the summary dict."""
-    from nanorlcd import dist
-    from nanorlcd.model import LLaMA, LLaMAConfig
-    from nanorlcd.tokenizer import Tokenizer
     if preset not in PRESETS:
         raise ValueError(f"unknown toy preset {preset!r}; expected one of {sorted(PRESETS)}")
     cfg = PRESETS[preset]
@@ -318,10 +317,9 @@ def pretrain_toy(out_dir, preset="toy", overwrite=False):
     log_path = os.path.join(out_dir, "log.jsonl")
     if dist.is_main() and os.path.exists(log_path):
         os.remove(log_path)  # a fresh run gets a fresh log (we only get here for a new dir or with overwrite)
-    train_cfg = SFTConfig(**{**asdict(cfg.train), "seed": cfg.seed})
-    summary = train_lm(train_cfg, model, tok, [("", d) for d in train_docs], [("", d) for d in val_docs],
-                       out_dir=out_dir, log_path=log_path)
-    # wall time, and CPU time of all this process's threads (divide by the cores for an unloaded-machine estimate)
+    summary = train_lm(replace(cfg.train, seed=cfg.seed), model, tok, [("", d) for d in train_docs],
+                       [("", d) for d in val_docs], out_dir=out_dir, log_path=log_path)
+    # wall time, and the CPU time of all this process's threads (the better cost measure on a busy machine)
     summary.update({"pretrain/seconds": time.time() - t0, "pretrain/cpu_seconds": time.process_time() - cpu0})
     if dist.is_main():
         with open(os.path.join(out_dir, "toy_config.json"), "w") as f:
@@ -330,7 +328,8 @@ def pretrain_toy(out_dir, preset="toy", overwrite=False):
     if dist.is_main():
         t_eval = time.time()
         rates = evaluate_affix_following(model, tok, split_prompts("test")[:cfg.n_eval_prompts], seed=cfg.seed)
-        summary.update({f"affix/{k}": v for k, v in rates.items()}, **{"affix/seconds": time.time() - t_eval})
+        summary.update({f"affix/{k}": v for k, v in rates.items()})
+        summary["affix/seconds"] = time.time() - t_eval
         with open(log_path, "a") as f:
             f.write(json.dumps(summary) + "\n")
         dist.print0(" | ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
