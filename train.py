@@ -233,7 +233,7 @@ def stage_sample(run, name):
     policy, tok = LLaMA.from_pretrained(policy_dir, device=dist.device()), Tokenizer(policy_dir)
     base = None if os.path.abspath(policy_dir) == os.path.abspath(run.base) else \
         LLaMA.from_pretrained(run.base, device=dist.device())
-    prompts = dist.shard(run.prompts(run.p.eval_prompts, "eval prompts")[:run.p.n_eval])
+    prompts = dist.shard(run.prompts(run.args.eval_prompts or run.p.eval_prompts, "--eval-prompts")[:run.p.n_eval])
     gen = torch.Generator(device=dist.device()).manual_seed(1000 + dist.rank())
     replies, kls = [], []
     for i in range(0, len(prompts), 64):
@@ -310,6 +310,7 @@ def parse_args(argv=None):
     ap.add_argument("--task", default=None, choices=("harmless", "helpful", "outline"))
     ap.add_argument("--base", default=None, help="base LLaMA HF directory (real presets)")
     ap.add_argument("--prompts", default=None, help="prompt file (HH-RLHF jsonl, {prompt} jsonl, premises) or toy:<split>")
+    ap.add_argument("--eval-prompts", default=None, help="--stage sample: held-out prompts (e.g. HH-RLHF test.jsonl)")
     ap.add_argument("--policy", default="ppo-rlcd", help="--stage sample: base, sft, ppo-<method> or a directory")
     ap.add_argument("--resume", action="store_true", help="--stage simulate: continue an interrupted file")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output of this stage")
