@@ -107,3 +107,15 @@ def test_pipeline_stages(run):
     # the context-distillation baseline trains on (p, o+)
     train(run, "--stage", "sft")
     assert os.path.exists(os.path.join(run, "toy-fast", "sft", "model.safetensors"))
+
+
+def test_real_preset_sample_needs_eval_prompts(tmp_path, make_model, tiny_tokenizer_path):
+    """A real preset has no built-in held-out prompts: --stage sample without --eval-prompts names the flag."""
+    from nanorlcd.tokenizer import Tokenizer
+    base = tmp_path / "base"
+    make_model(vocab_size=Tokenizer(tiny_tokenizer_path).vocab_size).save_pretrained(str(base))
+    Tokenizer(tiny_tokenizer_path).save(str(base))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--stage", "sample", "--preset",
+                           "llama7b-harmless", "--out", str(tmp_path), "--base", str(base), "--policy", "base"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode != 0 and "needs --eval-prompts" in proc.stderr
