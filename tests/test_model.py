@@ -7,6 +7,7 @@ What is checked, and against what:
 - config.json in both spellings (transformers 4.x `rope_theta`/`rope_scaling`, 5.x `rope_parameters`), head_dim,
   the LLaMA-1 defaults (no num_key_value_heads / rope_theta), an eos list;
 - `repeat_kv` against `torch.repeat_interleave`;
+- `Linear`'s CPU few-row fast path: taken exactly where documented, same values and gradients as F.linear;
 - left-padding invariance, causal masking, and the KV cache (prefill, chunked prefill at start_pos > 0, decode)
   against the full forward;
 - logit parity with transformers' `LlamaForCausalLM` (eager, fp32) in both checkpoint directions (skipped when
@@ -20,7 +21,7 @@ import math
 import pytest
 import torch
 
-from nanorlcd.model import LLaMA, KVCache, load_config, repeat_kv
+from nanorlcd.model import LLaMA, KVCache, Linear, load_config, repeat_kv
 
 # LLaMA-3 RoPE scaling chosen so that the tiny head_dim 8 hits all three bands at rope_theta 2000:
 # wavelengths 2*pi/inv_freq = 6.3 (< 64/4: kept), 42 (between: smoothed), 281 and 1880 (> 64/1: divided by 8).
@@ -160,6 +161,42 @@ def test_repeat_kv_equals_repeat_interleave():
     x = torch.randn(2, 3, 5, 4)                                    # (B, Hkv, S, d)
     for n_rep in (1, 2, 4):
         torch.testing.assert_close(repeat_kv(x, n_rep), torch.repeat_interleave(x, n_rep, dim=1), rtol=0, atol=0)
+
+
+# (out, in, input shape, bias, dtype, fast path expected): the swap needs CPU fp32, 2-64 rows, >= 2^18 weights
+LINEAR_CASES = {
+    "fast-3d": (1024, 256, (2, 3, 256), False, torch.float32, True),
+    "fast-bias": (1024, 256, (5, 256), True, torch.float32, True),
+    "fast-64-rows": (256, 1024, (8, 8, 1024), False, torch.float32, True),
+    "one-row": (1024, 256, (1, 1, 256), False, torch.float32, False),
+    "65-rows": (1024, 256, (65, 256), True, torch.float32, False),
+    "small-weight": (1023, 256, (4, 256), False, torch.float32, False),
+    "float64": (1024, 256, (4, 256), False, torch.float64, False),
+}
+
+
+@pytest.mark.parametrize("case", LINEAR_CASES.values(), ids=LINEAR_CASES.keys())
+def test_linear_fast_path_matches_f_linear(case):
+    """model.Linear computes few-row CPU products as (W @ x^T)^T (faster with CPU BLAS): it must take that path
+    exactly where its docstring says, and give F.linear's values and gradients everywhere."""
+    out_f, in_f, shape, bias, dtype, fast = case
+    torch.manual_seed(0)
+    layer = Linear(in_f, out_f, bias=bias).to(dtype)
+    x = torch.randn(shape, dtype=dtype, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (*shape[:-1], out_f) and y.is_contiguous()
+    # which path ran: the swap's own arithmetic, bit for bit, or F.linear's
+    b = layer.bias if bias else 0
+    swapped = ((layer.weight @ x.reshape(-1, in_f).T).T + b).reshape(y.shape)
+    plain = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    assert torch.equal(y, swapped if fast else plain)
+    # same values and gradients as F.linear (up to float summation order)
+    torch.testing.assert_close(y, plain, rtol=1e-5, atol=1e-5)
+    g = torch.randn(y.shape, dtype=dtype)
+    grads = torch.autograd.grad(y, [x, *layer.parameters()], g)
+    ref = torch.autograd.grad(plain, [x, *layer.parameters()], g)
+    for got, want in zip(grads, ref):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_backbone_returns_final_normed_hidden_states(make_model):

@@ -81,6 +81,18 @@ def test_cached_equals_naive(model, kwargs):
     assert not a.logprobs.requires_grad and torch.is_grad_enabled()      # no_grad stays inside generate
 
 
+def test_cached_equals_naive_through_linear_fast_path(make_model):
+    """A model wide enough (MLP and LM head weights of 2^18 elements) that decoding steps, a few rows each, take
+    model.Linear's CPU fast path while the naive path's long recomputations do not: both must still agree."""
+    model = make_model(vocab_size=1024, hidden_size=256, intermediate_size=1024, max_position_embeddings=64)
+    assert model.lm_head.weight.numel() >= 2**18 and model.model.layers[0].mlp.up_proj.weight.numel() >= 2**18
+    for kwargs in (dict(temperature=0), dict(temperature=1.0, top_k=50)):
+        a = generate(model, PROMPTS, 20, generator=torch.Generator().manual_seed(1), **kwargs)
+        b = generate_naive(model, PROMPTS, 20, generator=torch.Generator().manual_seed(1), **kwargs)
+        assert a.tokens == b.tokens
+        torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-4, rtol=0)
+
+
 def test_greedy_equals_one_row_loop_whatever_the_batch(model):
     """Left padding and batch mates must not change a row: each row of several batches equals the row alone."""
     refs = [greedy_reference(model, prompt, 20, [model.config.eos_token_id]) for prompt in PROMPTS]
