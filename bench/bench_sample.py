@@ -3,10 +3,12 @@ transformers `generate` (if installed) on the same random weights.
 
 What: a ~58M-parameter LLaMA (vocab 32000, width 512, 8 layers; random init, fp32) generates 64 new tokens
 greedily after ragged prompts (16-40 tokens, left-padded) at batch 1 and batch 8. EOS is disabled everywhere so
-every method produces exactly batch x 64 tokens. Each timing is the best of --repeats runs (the naive path runs
-once: it is O(T^2)); we print wall-clock and process-CPU throughput (the latter is robust to a shared machine
-with --threads 1). Both libraries load the same saved directory, and we report whether transformers' greedy
-tokens equal ours (a parity check of model.py + sample.py).
+every method produces exactly batch x 64 tokens. Each timing is the best of --repeats rounds in which the methods
+alternate, so background load hits them alike (the naive path runs once: it is O(T^2)); we print wall-clock and
+process-CPU throughput (the latter is robust to a shared machine with --threads 1). Both libraries load the same
+saved directory, and we report whether transformers' greedy tokens equal ours (a parity check of model.py +
+sample.py). At batch 8 most of the gain over transformers comes from model.py's `Linear` CPU fast path for
+few-row products (bench/bench_linear.py); at batch 1 (one row) both libraries run the same kernels.
 Target (DESIGN.md): cached >= 1.5x transformers at batch 8 on CPU.
 Run (repo root): `python -m bench.bench_sample [--threads N] [--repeats R] [--new-tokens 64] [--skip-naive]`
 """
@@ -25,15 +27,19 @@ CONFIG = LLaMAConfig(vocab_size=32000, hidden_size=512, intermediate_size=1408, 
                      num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=512)
 
 
-def best_time(fn, repeats):
-    """Smallest wall time and smallest process CPU time of `repeats` calls (the least disturbed by other
-    processes; with --threads 1 the CPU time barely depends on the machine's load), and the last result."""
-    wall, cpu = float("inf"), float("inf")
+def best_times(fns, repeats):
+    """Smallest wall time and smallest process CPU time of `repeats` calls of each fn, and each fn's last result.
+    The fns alternate within every round, so background load on a shared machine hits them alike; the
+    minimum is the least disturbed run (with --threads 1 the CPU time barely depends on the load)."""
+    times = {name: (float("inf"), float("inf")) for name in fns}
+    outs = {}
     for _ in range(repeats):
-        w0, c0 = time.perf_counter(), time.process_time()
-        out = fn()
-        wall, cpu = min(wall, time.perf_counter() - w0), min(cpu, time.process_time() - c0)
-    return (wall, cpu), out
+        for name, fn in fns.items():
+            w0, c0 = time.perf_counter(), time.process_time()
+            outs[name] = fn()
+            wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+            times[name] = (min(times[name][0], wall), min(times[name][1], cpu))
+    return times, outs
 
 
 def hf_generate_fn(hf_model, prompts, new_tokens):
@@ -83,19 +89,19 @@ def main():
                    for _ in range(batch)]
         n_tokens = batch * args.new_tokens
         kw = dict(temperature=0, eos_id=[])
-        results = {}
-        cached_s, cached = best_time(lambda: generate(model, prompts, args.new_tokens, **kw), args.repeats)
-        results["nanorlcd cached"] = cached_s
-        if not args.skip_naive:
-            naive_s, naive = best_time(lambda: generate_naive(model, prompts, args.new_tokens, **kw), 1)
-            results["nanorlcd naive (no cache)"] = naive_s
-            assert naive.tokens == cached.tokens, "naive and cached greedy tokens differ"
+        fns = {"nanorlcd cached": lambda: generate(model, prompts, args.new_tokens, **kw).tokens}
         if hf_model is not None:
-            hf_s, hf_tokens = best_time(hf_generate_fn(hf_model, prompts, args.new_tokens), args.repeats)
-            results["transformers generate"] = hf_s
-            same = sum(a == b for a, b in zip(hf_tokens, cached.tokens))
+            fns["transformers generate"] = hf_generate_fn(hf_model, prompts, args.new_tokens)
+        results, outs = best_times(fns, args.repeats)
+        cached_s, cached = results["nanorlcd cached"], outs["nanorlcd cached"]
+        if not args.skip_naive:       # one run: it is O(T^2)
+            naive_s, naive = best_times({"naive": lambda: generate_naive(model, prompts, args.new_tokens, **kw)}, 1)
+            results["nanorlcd naive (no cache)"] = naive_s["naive"]
+            assert naive["naive"].tokens == cached, "naive and cached greedy tokens differ"
+        if hf_model is not None:
+            same = sum(a == b for a, b in zip(outs["transformers generate"], cached))
             print(f"batch {batch}: greedy tokens equal to transformers in {same}/{batch} rows")
-        assert all(len(t) == args.new_tokens for t in cached.tokens)
+        assert all(len(t) == args.new_tokens for t in cached)
         for name, (wall, cpu) in results.items():
             print(f"batch {batch}  {name:26s} wall {n_tokens / wall:7.1f} tok/s ({wall:6.2f} s, cached "
                   f"{wall / cached_s[0]:5.2f}x faster)   cpu {n_tokens / cpu:7.1f} tok/s ({cpu:6.2f} s, cached "
