@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from nanorlcd import dist, toy
-from nanorlcd.data import load_prompts, read_records
+from nanorlcd.data import load_prompts, read_records, read_sft_data
 from nanorlcd.model import LLaMA
 from nanorlcd.pm import PMConfig, PreferenceModel, oracle_accuracy, train_pm
 from nanorlcd.ppo import TOY as TOY_PPO, PPOConfig, response_logprobs, train_ppo
@@ -199,9 +199,7 @@ def stage_sft(run):
     data = run.need(os.path.join(run.dir, "sft-data.jsonl"), "simulate", " --method rlcd")
     out = run.fresh(os.path.join(run.dir, "sft"))
     model, tok = run.base_model()
-    with open(data) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    examples = [(r["prompt"], " " + r["response"]) for r in rows]
+    examples = read_sft_data(data)          # (plain prompt, o+); tokenize_example adds the one seam space
     n_val = max(1, len(examples) // 20)
     if dist.is_main():
         os.makedirs(out, exist_ok=True)

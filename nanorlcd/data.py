@@ -223,3 +223,20 @@ def write_sft_data(records, path):
             f.write(json.dumps({"id": rec["id"], "prompt": rec["prompt"], "response": rec["chosen"]},
                                ensure_ascii=False) + "\n")
     os.replace(tmp, path)
+
+
+def read_sft_data(path):
+    """(prompt, response) pairs of a context-distillation file (`write_sft_data`'s layout), as written: the
+    response carries no leading space, since sft.tokenize_example puts the single " " between prompt and reply."""
+    pairs = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                pairs.append((row["prompt"], row["response"]))
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{lineno}: expected a JSON object with \"prompt\" and \"response\" "
+                                 f"({type(e).__name__}: {e})") from None
+    return pairs

@@ -51,8 +51,10 @@ class SFTConfig:
 
 def tokenize_example(tokenizer, prompt, response, seq_len):
     """Token ids of BOS + prompt + " " + response + EOS (an empty prompt adds no space) and the loss mask
-    (1 on the tokens that are predicted and trained: the response and EOS)."""
-    text = prompt + " " + response if prompt else response
+    (1 on the tokens that are predicted and trained: the response and EOS). The seam is exactly one space, as in
+    sampling and PM scoring: a response's own leading whitespace (raw HH replies start with " ") is dropped, since
+    a doubled space would train a piece the policy never emits after "Assistant:"."""
+    text = prompt + " " + response.lstrip() if prompt else response
     full = tokenizer.encode(text, bos=True, eos=True)
     head = tokenizer.encode(prompt, bos=True, eos=False)
     # the response starts where the prompt's tokens stop matching (a merge across the seam moves it left)

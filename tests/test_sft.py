@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from nanorlcd import sft, toy
+from nanorlcd.data import read_sft_data, write_sft_data
 from nanorlcd.model import LLaMA, LLaMAConfig
 from nanorlcd.tokenizer import Tokenizer
 
@@ -49,6 +50,30 @@ def test_tokenize_example_masks_exactly_the_response(tok):
     # an over-long example keeps its end (the response), at most seq_len + 1 tokens
     ids, mask = sft.tokenize_example(tok, *examples(1)[0], seq_len=8)
     assert len(ids) == 9 and mask == [1] * 9
+
+
+def test_distillation_data_is_tokenized_as_the_policy_samples_it(tok, tmp_path):
+    """Regression: train.py once read sft-data.jsonl as (prompt, " " + response), so tokenize_example's seam space
+    made a double space: every training reply began with an extra "▁" piece that the base model never emits after
+    "Assistant:". The distilled policy learned to start with junk (14 % invalid replies) and its KL to the base was
+    26.8 nats. The file -> pairs -> tokens path must give exactly the dialogue that sampling and the PM see:
+    prompt + " " + response."""
+    records = [{"id": i, "prompt": p, "chosen": r} for i, (p, r) in enumerate(examples(20, seed=5))]
+    path = str(tmp_path / "sft-data.jsonl")
+    write_sft_data(records, path)
+    pairs = read_sft_data(path)
+    assert pairs == [(r["prompt"], r["chosen"]) for r in records]
+    for prompt, response in pairs:
+        ids, mask = sft.tokenize_example(tok, prompt, response, seq_len=1000)
+        assert ids == tok.encode(prompt + " " + response, bos=True, eos=True)
+        assert "  " not in tok.decode(ids)
+        # a response that brings its own leading space (raw HH replies do) still gets a single seam space
+        assert sft.tokenize_example(tok, prompt, " " + response, seq_len=1000) == (ids, mask)
+    # a line without "response" names the file and line
+    with open(path, "a") as f:
+        f.write(json.dumps({"prompt": "x"}) + "\n")
+    with pytest.raises(ValueError, match=r"sft-data.jsonl:21: .*response"):
+        read_sft_data(path)
 
 
 def test_pack_rows_keeps_examples_whole(tok):
