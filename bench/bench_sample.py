@@ -7,8 +7,8 @@ every method produces exactly batch x 64 tokens. Each timing is the best of --re
 alternate, so background load hits them alike (the naive path runs once: it is O(T^2)); we print wall-clock and
 process-CPU throughput (the latter is robust to a shared machine with --threads 1). Both libraries load the same
 saved directory, and we report whether transformers' greedy tokens equal ours (a parity check of model.py +
-sample.py). At batch 8 most of the gain over transformers comes from model.py's `Linear` CPU fast path for
-few-row products (bench/bench_linear.py); at batch 1 (one row) both libraries run the same kernels.
+sample.py). "cached, plain nn.Linear" is the same loop with model.py's `Linear` CPU fast path for few-row products
+switched off (bench/bench_linear.py times that product alone); at batch 1 (one row) the fast path is not taken.
 Target (DESIGN.md): cached >= 1.5x transformers at batch 8 on CPU.
 Run (repo root): `python -m bench.bench_sample [--threads N] [--repeats R] [--new-tokens 64] [--skip-naive]`
 """
@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from nanorlcd.model import LLaMA, LLaMAConfig
+from nanorlcd.model import LLaMA, LLaMAConfig, Linear
 from nanorlcd.sample import generate, generate_naive
 from nanorlcd.tokenizer import left_pad
 
@@ -40,6 +40,19 @@ def best_times(fns, repeats):
             wall, cpu = time.perf_counter() - w0, time.process_time() - c0
             times[name] = (min(times[name][0], wall), min(times[name][1], cpu))
     return times, outs
+
+
+def plain_linear_generate_fn(model, prompts, new_tokens, **kw):
+    """A closure running our cached `generate` with model.Linear's CPU fast path switched off (every projection
+    runs nn.Linear's own forward): the same loop, so the difference to "nanorlcd cached" is that fast path."""
+    def run():
+        fast = Linear.forward
+        Linear.forward = torch.nn.Linear.forward
+        try:
+            return generate(model, prompts, new_tokens, **kw).tokens
+        finally:
+            Linear.forward = fast
+    return run
 
 
 def hf_generate_fn(hf_model, prompts, new_tokens):
@@ -89,7 +102,8 @@ def main():
                    for _ in range(batch)]
         n_tokens = batch * args.new_tokens
         kw = dict(temperature=0, eos_id=[])
-        fns = {"nanorlcd cached": lambda: generate(model, prompts, args.new_tokens, **kw).tokens}
+        fns = {"nanorlcd cached": lambda: generate(model, prompts, args.new_tokens, **kw).tokens,
+               "cached, plain nn.Linear": plain_linear_generate_fn(model, prompts, args.new_tokens, **kw)}
         if hf_model is not None:
             fns["transformers generate"] = hf_generate_fn(hf_model, prompts, args.new_tokens)
         results, outs = best_times(fns, args.repeats)
@@ -98,9 +112,10 @@ def main():
             naive_s, naive = best_times({"naive": lambda: generate_naive(model, prompts, args.new_tokens, **kw)}, 1)
             results["nanorlcd naive (no cache)"] = naive_s["naive"]
             assert naive["naive"].tokens == cached, "naive and cached greedy tokens differ"
-        if hf_model is not None:
-            same = sum(a == b for a, b in zip(outs["transformers generate"], cached))
-            print(f"batch {batch}: greedy tokens equal to transformers in {same}/{batch} rows")
+        for other in ("cached, plain nn.Linear", "transformers generate"):
+            if other in outs:          # float rounding may flip a near-tie, so we count rather than assert
+                same = sum(a == b for a, b in zip(outs[other], cached))
+                print(f"batch {batch}: greedy tokens equal to {other} in {same}/{batch} rows")
         assert all(len(t) == args.new_tokens for t in cached)
         for name, (wall, cpu) in results.items():
             print(f"batch {batch}  {name:26s} wall {n_tokens / wall:7.1f} tok/s ({wall:6.2f} s, cached "
