@@ -12,7 +12,7 @@ What:
   - `load_hh_pairs(path)`: HH-RLHF (prompt, chosen response, rejected response) triples, for the preference
     model's agreement with human labels (the paper's 2000 HH-RLHF test pairs).
   - `write_records` / `read_records`: the preference-record JSONL of DESIGN.md, and the context-distillation
-    view (prompt, o+) that `sft` trains on (`write_sft_data`).
+    view (prompt, o+) that `sft` trains on (`write_sft_data`, read back by `read_sft_data`).
 Prompt normalisation: the reference keeps `chosen[:chosen.rindex('Assistant:') + len('Assistant:')].strip()`,
 which drops the leading "\\n\\n" of "\\n\\nHuman:". Our prompt format (DESIGN.md) keeps it, so every source is
 normalised to "\\n\\n" + text.strip(): for HH-RLHF (whose dialogues start with "\\n\\nHuman:") that is exactly
