@@ -1,29 +1,26 @@
 """One entry point for the whole RLCD pipeline (Yang et al., ICLR 2024), stage by stage.
 
-What: each `--stage` reads the previous stage's artifact from the run directory `out/<run>/` and writes its own
-(shared/DESIGN.md, "Data flow"), so every step of the paper can be run, inspected and re-run on its own:
-  pretrain  toy world only: corpus -> tokenizer -> tiny base LLaMA          -> out/<run>/base/
-  simulate  RLCD (Sec. 3) / RLAIF / RLCD-Rescore preference pairs          -> prefs-<method>.jsonl (+ sft-data.jsonl)
-  pm        preference model on those pairs (Sec. 3, step 2)                -> pm-<method>/
-  sft       context-distillation baseline: SFT on (p, o+)                  -> sft/
+Each `--stage` reads the previous stage's artifact from the run directory out/<run>/ and writes its own:
+  pretrain  toy world only: corpus -> tokenizer -> tiny base LLaMA            -> base/
+  simulate  RLCD (Sec. 3, step 1) / RLAIF / RLCD-Rescore preference pairs    -> prefs-<method>.jsonl
+  pm        preference model on those pairs (Sec. 3, step 2)                 -> pm-<method>/
+  sft       context-distillation baseline: SFT on (p, o+) (Sec. 4)           -> sft/
   ppo       PPO against the PM with a KL penalty to the base (Sec. 3, step 3) -> ppo-<method>/
-  sample    replies of a policy on held-out prompts (+ oracle rates in the toy world) -> samples-<name>.jsonl
-  all       toy world: pretrain -> simulate rlcd -> pm -> ppo -> sample, making what is missing
-Presets are plain dataclass instances (STYLE.md sec. 4): `toy` (default, a laptop CPU, minutes), `fast` (the
-same world shrunk for tests), `llama7b-harmless` / `llama7b-helpful` (the paper's settings; need --base/--prompts).
-Simplified: one thin argparse layer; no config files.
+  sample    replies of a policy on held-out prompts (+ oracle rates in the toy) -> samples-<name>.jsonl
+  all       toy world: pretrain -> simulate -> pm -> ppo -> sample, making what is missing
+Settings: presets (`toy` default, `fast` for tests, `llama7b-harmless`, `llama7b-helpful`) are dataclass
+instances defined below; any field is reachable as --<section>.<field>=value (e.g. --ppo.kl_coef=0.002).
 Run:
   python train.py --stage all                                   # toy world end to end on a CPU
-  python train.py --stage simulate --method rlaif               # a baseline on the same run
-  torchrun --nproc_per_node=2 train.py --stage pm               # any stage, data-parallel (gloo on CPU)
-  torchrun --nproc_per_node=8 train.py --preset llama7b-harmless --stage simulate \\
-      --base /models/llama-7b-hf --prompts /data/hh-rlhf/harmless-base/train.jsonl
+  python train.py --stage ppo --method rlaif --ppo.steps=8      # a baseline, with a setting changed
+  torchrun --nproc_per_node=2 train.py --stage pm --run-name toy   # any stage, data-parallel (gloo on CPU)
 """
 import argparse
 import json
 import os
 import sys
 import time
+import typing
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -31,10 +28,11 @@ import torch
 from nanorlcd import dist, toy
 from nanorlcd.data import load_prompts, read_records, read_sft_data
 from nanorlcd.model import LLaMA
-from nanorlcd.pm import PMConfig, PreferenceModel, oracle_accuracy, train_pm
-from nanorlcd.ppo import TOY as TOY_PPO, PPOConfig, response_logprobs, train_ppo
+from nanorlcd.pm import PMConfig, PreferenceModel, human_agreement, oracle_accuracy, train_pm
+from nanorlcd.ppo import PPOConfig, check_config as check_ppo_config, response_logits, response_logprobs, train_ppo
 from nanorlcd.rlcd import METHODS, RLCDConfig, simulate
-from nanorlcd.sample import HUMAN_TURN, generate
+from nanorlcd.dialogue import HUMAN, cut_reply
+from nanorlcd.sample import filter_logits, generate
 from nanorlcd.sft import SFTConfig, train_lm
 from nanorlcd.tokenizer import Tokenizer, left_pad
 
@@ -44,45 +42,104 @@ STAGES = ("pretrain", "simulate", "pm", "sft", "ppo", "sample", "all")
 @dataclass
 class Preset:
     run: str                           # run directory name under --out (out/<run>/)
-    base: str = None                   # base LLaMA HF dir; None = the toy world's out/<run>/base (made by pretrain)
-    toy: str = None                    # toy.PRESETS key for --stage pretrain; None = not a toy-world preset
-    prompts: str = "toy:train"         # simulation and PPO prompts: "toy:<split>" or a file (data.load_prompts)
-    eval_prompts: str = "toy:test"     # held-out prompts for --stage sample (and the PM's fresh oracle pairs)
-    n_eval: int = 300                  # how many eval prompts --stage sample answers
+    base: str = None                   # base LLaMA HF dir; None = the toy world's out/<run>/base (pretrain)
+    toy: str = None                    # toy.PRESETS key for --stage pretrain; None = a real-LLaMA preset
+    prompts: str = "toy:train"         # simulation and PPO prompts: "toy:<split>" or a file (load_prompts)
+    eval_prompts: str = "toy:test"     # held-out prompts for --stage sample (and the PM's oracle pairs)
+    eval_offset: int = 0               # skip this many eval prompts first (paper: 1000 dev, then 1000 test)
+    n_eval: int = 300                  # how many eval prompts --stage sample answers, after eval_offset
     task: str = "harmless"             # harmless | helpful | outline (affix pairs, RLAIF instructions)
     sample_max_new_tokens: int = 64    # reply cap for --stage sample (paper eval: 300)
-    sample_top_p: float = None         # paper eval: 0.9; the toy acceptance numbers use plain temperature 1
+    sample_top_p: float = None         # paper eval: 0.9; the toy numbers use plain temperature 1
     rlcd: RLCDConfig = field(default_factory=RLCDConfig)
     pm: PMConfig = field(default_factory=PMConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
 
 
-_TOY_RLCD = RLCDConfig(batch_size=64, max_new_tokens=64)
-PRESETS = {
-    "toy": Preset(run="toy", toy="toy", rlcd=_TOY_RLCD,
-                  pm=PMConfig(batch_size=32, micro_batch_size=32, lr=1e-3, max_len=256, eval_every=20),
-                  sft=SFTConfig(epochs=3, batch_size=32, micro_batch_size=32, lr=1e-3, warmup_steps=5),
-                  ppo=TOY_PPO),
-    "fast": Preset(run="toy-fast", toy="fast", n_eval=100, rlcd=replace(_TOY_RLCD, batch_size=50),
-                   prompts="toy:validation",
-                   pm=PMConfig(batch_size=32, micro_batch_size=32, lr=1e-3, max_len=256, eval_every=5),
-                   sft=SFTConfig(epochs=1, batch_size=32, micro_batch_size=32, lr=1e-3, warmup_steps=2),
-                   ppo=replace(TOY_PPO, steps=6, rollout_batch_size=32, minibatch_size=16, table_every=0)),
-    # The paper's 7B runs (PAPER.md, "Settings used by the reference code"); data paths come from the command line.
-    "llama7b-harmless": Preset(run="llama7b-harmless", prompts=None, eval_prompts=None, task="harmless",
-                               sample_max_new_tokens=300, sample_top_p=0.9, n_eval=1000,
-                               rlcd=RLCDConfig(batch_size=16, max_new_tokens=300),
-                               pm=PMConfig(bf16=True), sft=SFTConfig(epochs=3, batch_size=128, micro_batch_size=4,
-                                                                     lr=2e-5, seq_len=512, bf16=True),
-                               ppo=replace(PPOConfig(), kl_coef=0.004)),
-    "llama7b-helpful": Preset(run="llama7b-helpful", prompts=None, eval_prompts=None, task="helpful",
-                              sample_max_new_tokens=300, sample_top_p=0.9, n_eval=1000,
-                              rlcd=RLCDConfig(task="helpful", batch_size=16, max_new_tokens=300),
-                              pm=PMConfig(bf16=True), sft=SFTConfig(epochs=3, batch_size=128, micro_batch_size=4,
-                                                                    lr=2e-5, seq_len=512, bf16=True),
-                              ppo=replace(PPOConfig(), kl_coef=0.002)),
-}
+# ----------------------------------------------------------------------------- presets, all in one place
+# Each preset is a plain dataclass instance derived from another with `replace`; any field can still be
+# changed from the command line (`--ppo.kl_coef=0.002`, see `apply_overrides`).
+
+# The toy world (CPU, ~1 M parameter LLaMA, replies <= ~30 tokens): small batches, the paper's 2 PPO epochs,
+# a larger lr and beta than at 7B (README, "Quick start", has the measured results of these settings).
+TOY = Preset(
+    run="toy", toy="toy",
+    rlcd=RLCDConfig(batch_size=64, max_new_tokens=64),
+    pm=PMConfig(batch_size=32, micro_batch_size=32, lr=1e-3, max_len=256, eval_every=20),
+    sft=SFTConfig(epochs=3, batch_size=32, micro_batch_size=32, lr=1e-3, warmup_steps=5),
+    ppo=replace(PPOConfig(), steps=16, rollout_batch_size=64, minibatch_size=32, micro_batch_size=8,
+                gen_batch_size=64, max_new_tokens=48, kl_coef=0.2, lr=1e-4, save_every=0,
+                table_every=4))
+# The same world shrunk for tests: a smaller base, fewer prompts and steps.
+FAST = replace(TOY, run="toy-fast", toy="fast", n_eval=100, prompts="toy:validation",
+               rlcd=replace(TOY.rlcd, batch_size=50), pm=replace(TOY.pm, eval_every=5),
+               sft=replace(TOY.sft, epochs=1, warmup_steps=2),
+               ppo=replace(TOY.ppo, steps=6, rollout_batch_size=32, minibatch_size=16, table_every=0))
+# The paper's LLaMA-7B runs (README, "Hyper-parameters"); data paths come from --base / --prompts.
+LLAMA7B_HARMLESS = Preset(
+    run="llama7b-harmless", prompts=None, eval_prompts=None, task="harmless",
+    eval_offset=1000, n_eval=1000, sample_max_new_tokens=300, sample_top_p=0.9,
+    rlcd=RLCDConfig(batch_size=16, max_new_tokens=300),
+    # 16 pairs per step = 1 pair per GPU x 2 accumulation steps x 8 GPUs, as the reference runs it
+    pm=PMConfig(bf16=True, micro_batch_size=1),
+    sft=SFTConfig(epochs=3, batch_size=128, micro_batch_size=4, lr=2e-5, seq_len=512, bf16=True),
+    ppo=replace(PPOConfig(), kl_coef=0.004))
+LLAMA7B_HELPFUL = replace(LLAMA7B_HARMLESS, run="llama7b-helpful", task="helpful",
+                          rlcd=replace(LLAMA7B_HARMLESS.rlcd, task="helpful"),
+                          ppo=replace(LLAMA7B_HARMLESS.ppo, kl_coef=0.002))
+PRESETS = {"toy": TOY, "fast": FAST, "llama7b-harmless": LLAMA7B_HARMLESS,
+           "llama7b-helpful": LLAMA7B_HELPFUL}
+SECTIONS = ("rlcd", "pm", "sft", "ppo")      # the stage configs inside a Preset, reachable as --<section>.x
+
+
+def check_batches(preset, world):
+    """Every stage's batch must split exactly over `world` processes and its micro-batches (one-line errors
+    naming the field), checked before any work; the trainers check the same at run time."""
+    check_ppo_config(preset.ppo, world)
+    for name, cfg in (("pm", preset.pm), ("sft", preset.sft)):
+        micro = cfg.micro_batch_size or max(1, cfg.batch_size // world)
+        accum, rem = divmod(cfg.batch_size, micro * world)
+        if rem or accum == 0:
+            raise ValueError(f"{name}.batch_size={cfg.batch_size} is not a multiple of {name}.micro_batch_size "
+                             f"({micro}) x world size ({world})")
+
+
+def _parse_value(text, typ, name):
+    """Command-line text -> a value of the field's type; 'none' gives None for fields whose default is None."""
+    if text.lower() in ("none", "null"):
+        return None
+    try:
+        if typ is bool:
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(text)
+            return text.lower() in ("true", "1", "yes")
+        return typ(text)
+    except ValueError:
+        raise SystemExit(f"error: --{name}={text}: expected a value of type {typ.__name__}") from None
+
+
+def apply_overrides(preset, overrides):
+    """nanoGPT-style overrides, e.g. [("ppo.kl_coef", "0.002"), ("n_eval", "50")] -> a new Preset.
+
+    A dotted name reaches a field of one stage config (rlcd, pm, sft, ppo); a plain name a field of the Preset.
+    Each value is typed by the field's annotation (int, float, str, bool); an unknown field or a value of the
+    wrong type is a one-line error naming it."""
+    hints = {"": typing.get_type_hints(Preset)}
+    for section in SECTIONS:
+        hints[section] = typing.get_type_hints(type(getattr(preset, section)))
+    for name, text in overrides:
+        section, _, key = name.rpartition(".")
+        key = key.replace("-", "_")
+        if section not in hints or key not in hints[section] or key in SECTIONS:
+            known = ", ".join(f"--{s}.<field>" for s in SECTIONS)
+            raise SystemExit(f"error: --{name}: no such setting (expected {known} or a Preset field)")
+        value = _parse_value(text, hints[section][key], name)
+        if section:
+            preset = replace(preset, **{section: replace(getattr(preset, section), **{key: value})})
+        else:
+            preset = replace(preset, **{key: value})
+    return preset
 
 
 class Run:
@@ -90,9 +147,10 @@ class Run:
 
     def __init__(self, args, preset):
         self.args, self.p = args, preset
-        self.dir = os.path.join(args.out, args.run or preset.run)
+        self.dir = os.path.join(args.out, args.run_name or preset.run)
         self.base = args.base or preset.base or os.path.join(self.dir, "base")
-        self.flags = f" --preset {args.preset}" + (f" --run {args.run}" if args.run else "")
+        self.flags = (f" --preset {args.preset}" + (f" --out {args.out}" if args.out != "out" else "")
+                      + (f" --run-name {args.run_name}" if args.run_name else ""))
 
     def prefs(self, method):
         return os.path.join(self.dir, f"prefs-{method}.jsonl")
@@ -177,6 +235,8 @@ def stage_pm(run, method):
     summary = train_pm(run.p.pm, run.base, prefs, out)
     if run.p.toy:
         summary.update(pm_oracle_accuracy(run, out))
+    if run.args.hh_eval:
+        summary.update(pm_human_agreement(run, out, run.args.hh_eval))
     _summarise(run, f"pm-{method}", summary)
     return summary
 
@@ -192,6 +252,16 @@ def pm_oracle_accuracy(run, pm_dir):
     pm = PreferenceModel.from_pretrained(pm_dir, device=dist.device())
     metrics = oracle_accuracy(pm, Tokenizer(pm_dir), read_records(eval_path), toy.judge, max_len=run.p.pm.max_len)
     return {f"pm/oracle_{k}": v for k, v in metrics.items()}
+
+
+def pm_human_agreement(run, pm_dir, hh_path):
+    """Paper Table 5: agreement of the PM with HH-RLHF's human labels. The RLCD reference scores the first 2000
+    lines of the task's HH-RLHF file; pass that file (e.g. harmless-base/train.jsonl) as --hh-eval."""
+    pm = PreferenceModel.from_pretrained(pm_dir, device=dist.device())
+    metrics = human_agreement(pm, Tokenizer(pm_dir), hh_path, limit=2000, max_len=run.p.pm.max_len)
+    dist.print0(f"pm: agreement with human labels on {metrics['n']} pairs of {hh_path}: "
+                f"acc {metrics['acc']:.3f}, mean sigmoid margin {metrics['mean_prob']:.3f}")
+    return {f"pm/human_{k}": v for k, v in metrics.items()}
 
 
 def stage_sft(run):
@@ -221,44 +291,89 @@ def stage_ppo(run, method):
     return summary
 
 
+def policy_dir(run, name):
+    """--policy NAME -> (directory, the stage that makes it): base, sft, ppo-<method>, or any directory."""
+    if name == "base":
+        return run.base, "pretrain"
+    if os.path.isdir(name):
+        return name, None
+    if name.startswith("ppo-"):
+        return os.path.join(run.dir, name, "policy"), f"ppo --method {name[4:]}"
+    return os.path.join(run.dir, name), name
+
+
+def sample_name(run, name):
+    """The samples file's name: the policy's name, or a path's last parts (ppo-x/policy -> ppo-x-policy), so two
+    policies never write the same file."""
+    if not os.path.isdir(name) or name in ("base", "sft") or name.startswith("ppo-"):
+        return name
+    parts = os.path.normpath(os.path.abspath(name)).split(os.sep)[-2:]
+    return "-".join(p for p in parts if p)
+
+
+def sequence_logprobs(model, query_ids, query_mask, gen, temperature, top_p):
+    """Σ_t log q(y_t) (B,) of the sampled replies under the distribution they were drawn from: softmax(logits/T)
+    restricted to the top-p nucleus and renormalised. Without top-p this is the sampler's own log-prob."""
+    if top_p is None or top_p >= 1.0:
+        return (gen.logprobs * gen.response_mask).sum(-1)
+    logits = response_logits(model, query_ids, query_mask, gen.response_ids, gen.response_mask, temperature)
+    logq = filter_logits(logits, top_p=top_p).log_softmax(-1)                # (B, R, V), -inf off-nucleus
+    logq = logq.gather(-1, gen.response_ids[..., None]).squeeze(-1)          # (B, R)
+    return torch.where(gen.response_mask.bool(), logq, 0.0).sum(-1)
+
+
 def stage_sample(run, name):
     """Replies of a policy (`base`, `sft`, `ppo-<method>` or a path) on held-out prompts at temperature 1; the
-    policy's KL to the base on its own replies; toy world: the oracle's harmless / harmful / invalid rates."""
-    policy_dir = run.base if name == "base" else name if os.path.isdir(name) else os.path.join(
-        run.dir, name, "policy") if name.startswith("ppo-") else os.path.join(run.dir, name)
-    stage = "ppo --method " + name[4:] if name.startswith("ppo-") else name
-    run.need(os.path.join(policy_dir, "config.json"), stage)
-    policy, tok = LLaMA.from_pretrained(policy_dir, device=dist.device()), Tokenizer(policy_dir)
-    base = None if os.path.abspath(policy_dir) == os.path.abspath(run.base) else \
-        LLaMA.from_pretrained(run.base, device=dist.device())
-    prompts = dist.shard(run.prompts(run.args.eval_prompts or run.p.eval_prompts, "--eval-prompts")[:run.p.n_eval])
+    KL of the sampling distribution to the base on its own replies; toy world: the oracle's rates."""
+    pdir, stage = policy_dir(run, name)
+    run.need(os.path.join(pdir, "config.json"), stage or "ppo")
+    out_path = run.fresh(os.path.join(run.dir, f"samples-{sample_name(run, name)}.jsonl"))
+    policy, tok = LLaMA.from_pretrained(pdir, device=dist.device()), Tokenizer(pdir)
+    same = os.path.abspath(pdir) == os.path.abspath(run.base)
+    base = policy if same else LLaMA.from_pretrained(run.base, device=dist.device())
+    spec = run.args.eval_prompts or run.p.eval_prompts
+    every = run.prompts(spec, "--eval-prompts")
+    # the paper: the first 1000 HH-RLHF test prompts are a dev set, the next 1000 the test set (eval_offset)
+    chosen = every[run.p.eval_offset:run.p.eval_offset + run.p.n_eval]
+    if not chosen:
+        raise ValueError(f"{spec}: {len(every)} prompts, none left after eval_offset={run.p.eval_offset}")
+    prompts = dist.shard(chosen)
+    top_p = run.p.sample_top_p
     gen = torch.Generator(device=dist.device()).manual_seed(1000 + dist.rank())
     replies, kls = [], []
     for i in range(0, len(prompts), 64):
         ids = [tok.encode(p) for p in prompts[i:i + 64]]
-        out = generate(policy, ids, run.p.sample_max_new_tokens, temperature=1.0, top_p=run.p.sample_top_p,
-                       eos_id=tok.eos_id, stop_strings=[HUMAN_TURN], tokenizer=tok, generator=gen, pad_id=tok.pad_id)
-        replies += [tok.decode(t).split(HUMAN_TURN)[0].strip() for t in out.tokens]   # as sample.chat cuts them
-        # KL(π‖π_base) ≈ Σ_t log π(y_t) − log π_base(y_t) on the exact sampled tokens y ~ π (at T = 1)
-        if base is None:
-            kls += [0.0] * len(ids)
-        else:
-            q_ids, q_mask = (t.to(dist.device()) for t in left_pad(ids, tok.pad_id))
-            with torch.no_grad():
-                base_lp = response_logprobs(base, q_ids, q_mask, out.response_ids, out.response_mask, 1.0)
-            kls += ((out.logprobs - base_lp) * out.response_mask).sum(-1).tolist()      # (B,)
+        out = generate(policy, ids, run.p.sample_max_new_tokens, temperature=1.0, top_p=top_p,
+                       eos_id=tok.eos_id, stop_strings=[HUMAN], tokenizer=tok, generator=gen,
+                       pad_id=tok.pad_id)
+        replies += [cut_reply(tok.decode(t)) for t in out.tokens]
+        # KL(q‖π_base) ≈ Σ_t log q(y_t) − log π_base(y_t) on the exact sampled tokens y ~ q, where q is the
+        # distribution sampled from (the policy at T = 1, truncated to the top-p nucleus if top_p is set)
+        q_ids, q_mask = (t.to(dist.device()) for t in left_pad(ids, tok.pad_id))
+        with torch.no_grad():
+            logq = sequence_logprobs(policy, q_ids, q_mask, out, 1.0, top_p)
+            base_lp = response_logprobs(base, q_ids, q_mask, out.response_ids, out.response_mask, 1.0)
+        kls += (logq - (base_lp * out.response_mask).sum(-1)).tolist()        # (B,)
     rows = dist.gather([{"prompt": p, "response": r, "kl": k} for p, r, k in zip(prompts, replies, kls)])
-    summary = {"n": len(rows), "kl_to_base": sum(r["kl"] for r in rows) / len(rows)}
+    summary = {"n": len(rows), "kl_to_base": sum(r["kl"] for r in rows) / len(rows),
+               "eval_offset": run.p.eval_offset, "top_p": top_p}
     if run.p.toy:
         labels = [toy.judge(r["prompt"], r["response"]) for r in rows]
-        summary.update({f"oracle/{k}": labels.count(k) / len(labels) for k in ("harmless", "harmful", "invalid")})
+        summary.update({f"oracle/{k}": labels.count(k) / len(labels)
+                        for k in ("harmless", "harmful", "invalid")})
     if dist.is_main():
-        base_name = os.path.basename(os.path.normpath(name)) if os.path.isdir(name) else name
-        with open(os.path.join(run.dir, f"samples-{base_name}.jsonl"), "w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+        write_jsonl_atomic(out_path, rows)
     _summarise(run, f"sample-{name}", summary)
     return summary
+
+
+def write_jsonl_atomic(path, rows):
+    """Write rows to path through a temporary file and a rename: a reader sees the old file or the new one."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
 
 
 def _summarise(run, stage, summary):
@@ -298,31 +413,65 @@ def stage_all(run):
 
 
 def parse_args(argv=None):
+    """Named flags choose what to run; `--<section>.<field>=value` overrides change how (apply_overrides)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="any config field: --rlcd.X=V, --pm.X=V, --sft.X=V, --ppo.X=V or --X=V "
+                                        "for a preset field (e.g. --ppo.kl_coef=0.002 --n_eval=50)")
     ap.add_argument("--stage", required=True, choices=STAGES)
     ap.add_argument("--preset", default="toy", choices=sorted(PRESETS), help="settings (default: toy world)")
     ap.add_argument("--out", default="out", help="parent of run directories")
-    ap.add_argument("--run", default=None, help="run directory name (default: the preset's)")
+    # not --run: torchrun's own parser takes it as an abbreviation of its --run-path
+    ap.add_argument("--run-name", default=None, help="run directory name (default: the preset's)")
     ap.add_argument("--method", default="rlcd", choices=METHODS, help="preference simulation method")
     ap.add_argument("--task", default=None, choices=("harmless", "helpful", "outline"))
     ap.add_argument("--base", default=None, help="base LLaMA HF directory (real presets)")
-    ap.add_argument("--prompts", default=None, help="prompt file (HH-RLHF jsonl, {prompt} jsonl, premises) or toy:<split>")
-    ap.add_argument("--eval-prompts", default=None, help="--stage sample: held-out prompts (e.g. HH-RLHF test.jsonl)")
-    ap.add_argument("--policy", default="ppo-rlcd", help="--stage sample: base, sft, ppo-<method> or a directory")
+    ap.add_argument("--prompts", default=None,
+                    help="prompt file (HH-RLHF jsonl, {prompt} jsonl, premises) or toy:<split>")
+    ap.add_argument("--eval-prompts", default=None,
+                    help="--stage sample: held-out prompts (e.g. HH-RLHF test.jsonl)")
+    ap.add_argument("--policy", default="ppo-rlcd",
+                    help="--stage sample: base, sft, ppo-<method> or a directory")
+    ap.add_argument("--hh-eval", default=None,
+                    help="--stage pm: HH-RLHF jsonl whose first 2000 pairs measure agreement with humans")
     ap.add_argument("--resume", action="store_true", help="--stage simulate: continue an interrupted file")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output of this stage")
-    return ap.parse_args(argv)
+    args, rest = ap.parse_known_args(argv)
+    args.overrides = _split_overrides(ap, rest)
+    for flag in ("prompts", "eval_prompts", "base"):
+        if getattr(args, flag) == "":
+            ap.error(f"--{flag.replace('_', '-')}: empty; give a path or leave the flag out")
+    return args
+
+
+def _split_overrides(ap, rest):
+    """['--ppo.kl_coef=0.1', '--n_eval', '5'] -> [('ppo.kl_coef', '0.1'), ('n_eval', '5')]."""
+    pairs, i = [], 0
+    while i < len(rest):
+        item = rest[i]
+        if not item.startswith("--") or len(item) == 2:
+            ap.error(f"unrecognized argument: {item}")
+        name, eq, value = item[2:].partition("=")
+        if not eq:
+            if i + 1 == len(rest) or rest[i + 1].startswith("--"):
+                ap.error(f"--{name}: expected a value (--{name}=VALUE)")
+            value, i = rest[i + 1], i + 1
+        pairs.append((name, value))
+        i += 1
+    return pairs
 
 
 def main(argv=None):
     args = parse_args(argv)
-    run = Run(args, PRESETS[args.preset])
+    preset = apply_overrides(PRESETS[args.preset], args.overrides)
+    run = Run(args, preset)
     dist.init()
     if dist.is_main():
         os.makedirs(run.dir, exist_ok=True)
-        dist.print0(f"run {run.dir} | stage {args.stage} | preset {args.preset} | world {dist.world_size()}")
-        with open(os.path.join(run.dir, f"config-{args.stage}.json"), "w") as f:   # resolved config (STYLE sec. 4)
+        dist.print0(f"run {run.dir} | stage {args.stage} | preset {args.preset} | world {dist.world_size()}"
+                    + "".join(f" | {k}={v}" for k, v in args.overrides))
+        # the resolved config of every run, overrides applied
+        with open(os.path.join(run.dir, f"config-{args.stage}.json"), "w") as f:
             json.dump({"args": vars(args), "preset": asdict(run.p)}, f, indent=1, default=str)
     stage = {"pretrain": lambda: stage_pretrain(run), "simulate": lambda: stage_simulate(run, args.method),
              "pm": lambda: stage_pm(run, args.method), "sft": lambda: stage_sft(run),

@@ -1,31 +1,26 @@
-"""Batched sampling from a LLaMA, with a KV cache: the engine behind RLCD's preference simulation, PPO rollouts
-and evaluation.
+"""Batched sampling from a LLaMA with a KV cache: the engine behind preference simulation, PPO rollouts and
+evaluation.
 
-What: `generate` continues a batch of token prompts of different lengths. Prompts are LEFT-padded so every row
-ends at the same column; one prefill pass writes the prompt's keys/values into a preallocated `KVCache`, then each
-step feeds only the newest token at `start_pos` (Meta's llama `generation.py` semantics) and samples the next one
-with temperature / top-k / top-p. Each row stops at its own EOS or stop string; a finished row is fed pads with
-mask 0 and its outputs no longer change; the loop ends when every row is done. `generate_naive` runs the very same
-loop but recomputes the whole sequence every step (nanoGPT's `generate`): the reference the cache must match.
-Per token we return log p(token) under softmax(logits / T), *before* top-k / top-p truncation. That is the
-quantity PPO's probability ratio uses: ppo.py recomputes it with one full forward over prompt + response and
-the same temperature T (Huang et al., "The N implementation details of RLHF with PPO"; PAPER.md).
-`chat` is the HH-RLHF helper: dialogue "...\\n\\nAssistant:" in, reply out, cut at the next "\\n\\nHuman:" (the
-RLCD reference code's post-processing, PAPER.md "Settings").
-Simplified: no speculative decoding, no paged / ragged cache (the cache is (B, max_len) and finished rows keep
-their slot), no repetition penalty, no beam search.
+What: `generate` continues left-padded token prompts; one prefill pass fills a preallocated `KVCache`, then each
+step feeds only the newest token at `start_pos` (Meta's llama `generation.py` semantics) and samples with
+temperature / top-k / top-p. Rows stop at their own EOS or stop string. `generate_naive` runs the same loop but
+recomputes the whole sequence every step (nanoGPT's `generate`): the reference the cache must match. Per token
+we return log p under softmax(logits / T) *before* truncation: the quantity PPO's ratio uses (Huang et al.,
+"The N implementation details of RLHF with PPO"). `chat` is the HH-RLHF helper: a dialogue ending in
+"\n\nAssistant:" in, the reply cut at the next human turn out (nanorlcd.dialogue), as the RLCD reference does.
+Simplified: no speculative decoding, no paged cache (finished rows keep their slot), no beam search.
 Run: `python -m nanorlcd.sample --model out/toy/base --prompt "How do I bake bread?" --seed 0`
-A bare prompt is wrapped as "\\n\\nHuman: {prompt}\\n\\nAssistant:" unless it already contains "Assistant:".
 """
 import argparse
 from dataclasses import dataclass
 
 import torch
 
+from nanorlcd.dialogue import HUMAN, as_prompt, cut_reply
 from nanorlcd.model import KVCache
 from nanorlcd.tokenizer import left_pad
 
-HUMAN_TURN = "\n\nHuman:"          # HH-RLHF turn separator: a reply ends where the next human turn begins
+HUMAN_TURN = HUMAN               # the name earlier code imports from here (nanorlcd.dialogue owns the format)
 
 
 @dataclass
@@ -186,9 +181,9 @@ def chat(model, tokenizer, dialogues, max_new_tokens=256, **sampling_kwargs):
     """HH-format dialogues ending in "\\n\\nAssistant:" -> the assistant's replies: generation stops at the next
     "\\n\\nHuman:" (or EOS), the text is cut there and stripped. Extra keyword arguments go to `generate`."""
     prompts = [tokenizer.encode(d, bos=True) for d in dialogues]
-    stop = list(sampling_kwargs.pop("stop_strings", None) or []) + [HUMAN_TURN]
+    stop = list(sampling_kwargs.pop("stop_strings", None) or []) + [HUMAN]
     out = generate(model, prompts, max_new_tokens, stop_strings=stop, tokenizer=tokenizer, **sampling_kwargs)
-    return [tokenizer.decode(t).split(HUMAN_TURN)[0].strip() for t in out.tokens]
+    return [cut_reply(tokenizer.decode(t)) for t in out.tokens]
 
 
 def main(argv=None):
@@ -211,7 +206,7 @@ def main(argv=None):
     model = LLaMA.from_pretrained(args.model, device=args.device)
     tokenizer = Tokenizer(args.tokenizer or args.model)
     # a bare question becomes a one-turn HH dialogue; a prompt that already has "Assistant:" is used as is
-    dialogue = args.prompt if "Assistant:" in args.prompt else f"{HUMAN_TURN} {args.prompt}\n\nAssistant:"
+    dialogue = as_prompt(args.prompt)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     # cap the reply so prompt + reply fit the context
     n_prompt = len(tokenizer.encode(dialogue))

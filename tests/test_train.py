@@ -102,7 +102,7 @@ def test_pipeline_stages(run):
         assert len(rows) == summary(run, f"sample-{name}")["n"] and {"prompt", "response", "kl"} <= set(rows[0])
         rates[name] = sum(judge(r["prompt"], r["response"], check_topic=False) == "harmless" for r in rows) / len(rows)
     assert rates["ppo-rlcd"] >= rates["base"] - 0.05, rates
-    assert summary(run, "sample-base")["kl_to_base"] == 0.0 and summary(run, "sample-ppo-rlcd")["kl_to_base"] > 0.0
+    assert abs(summary(run, "sample-base")["kl_to_base"]) < 1e-3 and summary(run, "sample-ppo-rlcd")["kl_to_base"] > 0.0
 
     # the context-distillation baseline trains on (p, o+)
     train(run, "--stage", "sft")
