@@ -15,7 +15,6 @@ Conventions:
 Simplified: no dropout (LLaMA has none), no tensor parallelism, no attention bias other than HF's flag.
 Run: `python -c "from nanorlcd.model import LLaMA; m = LLaMA.from_pretrained('path/to/llama-hf')"`.
 """
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
@@ -23,8 +22,9 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
+
+# checkpoint I/O lives in checkpoint.py; these names stay importable from here (pm.py, older callers)
+from nanorlcd.checkpoint import load_weights, read_config_json, save_weights  # noqa: F401
 
 
 @dataclass
@@ -92,18 +92,6 @@ class LLaMAConfig:
         if d["rope_scaling"] is None:
             d.pop("rope_scaling")
         return d
-
-
-def read_config_json(path):
-    """The raw dict of `path/config.json`, with one-line errors naming the file."""
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"{cfg_path}: not found (expected a Hugging Face LLaMA directory)")
-    try:
-        with open(cfg_path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path}: malformed JSON ({e})") from None
 
 
 def load_config(path):
@@ -337,111 +325,3 @@ def init_weights(module, std):
         nn.init.normal_(module.weight, mean=0.0, std=std)
     if isinstance(module, nn.Linear) and module.bias is not None:
         nn.init.zeros_(module.bias)
-
-
-# ----------------------------------------------------------------------------- checkpoint I/O (HF layout)
-
-def _tied_names(module):
-    """Parameter names that alias another parameter (e.g. lm_head.weight when tied): HF omits them on save."""
-    seen, tied = {}, set()
-    for name, p in module.named_parameters(remove_duplicate=False):
-        if id(p) in seen:
-            tied.add(name)
-        seen.setdefault(id(p), name)
-    return tied
-
-
-def _weight_files(path):
-    """{tensor name: file} for model.safetensors or a sharded set; refuses pickled checkpoints."""
-    single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        try:
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{index}: malformed shard index (expected JSON with 'weight_map': {e})") from None
-        for shard in sorted(set(weight_map.values())):
-            if not os.path.isfile(os.path.join(path, shard)):
-                raise FileNotFoundError(f"{os.path.join(path, shard)}: shard listed in {index} is missing")
-        return {k: os.path.join(path, v) for k, v in weight_map.items()}
-    if os.path.isfile(single):
-        with safe_open(single, framework="pt") as f:
-            return {k: single for k in f.keys()}
-    pickles = [n for n in sorted(os.listdir(path)) if n.endswith((".bin", ".pth", ".pt", ".ckpt"))]
-    if pickles:
-        raise ValueError(f"{os.path.join(path, pickles[0])}: pickled checkpoints are refused (never unpickled); "
-                         "convert to model.safetensors")
-    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
-
-
-def load_weights(module, path, dtype=torch.float32, device="cpu", missing_ok=(), unexpected_ok=()):
-    """Strictly loads an HF safetensors checkpoint into `module` (may live on the meta device), tensor by
-    tensor, so peak memory is one copy of the model. Every missing, unexpected or misshapen tensor is an error,
-    except names the caller lists (pm.py: a base LLaMA dir has `lm_head.weight` and no `score.weight`)."""
-    files = _weight_files(path)
-    tied = _tied_names(module) | set(unexpected_ok)
-    expected = {n: p for n, p in list(module.named_parameters()) + list(module.named_buffers()) if n not in tied}
-    missing = sorted(set(expected) - set(files) - set(missing_ok))
-    if missing:
-        raise ValueError(f"{path}: tensor '{missing[0]}' is missing from the checkpoint ({len(missing)} missing)")
-    unexpected = sorted(set(files) - set(expected) - tied)   # a tied checkpoint may still carry lm_head.weight
-    if unexpected:
-        raise ValueError(f"{files[unexpected[0]]}: unexpected tensor '{unexpected[0]}' ({len(unexpected)} unexpected)")
-    state = {}
-    for file in sorted(set(files.values())):
-        with safe_open(file, framework="pt", device="cpu") as f:
-            for name in f.keys():
-                if name not in expected:
-                    continue
-                t = f.get_tensor(name)
-                if t.shape != expected[name].shape:
-                    raise ValueError(f"{file}: tensor '{name}' has shape {tuple(t.shape)}, expected "
-                                     f"{tuple(expected[name].shape)}")
-                state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-    module.load_state_dict(state, strict=False, assign=True)   # strictness was checked above, tied names aside
-    if getattr(module.config, "tie_word_embeddings", False) and hasattr(module, "lm_head"):
-        module.lm_head.weight = module.model.embed_tokens.weight          # re-tie after assign replaced it
-    return module
-
-
-def save_weights(module, path, config_dict, max_shard_size=5 * 2**30):
-    """Writes config.json + model.safetensors (or model-0000k-of-0000n.safetensors + index above max_shard_size)."""
-    os.makedirs(path, exist_ok=True)
-    tied = _tied_names(module)
-    state = {n: t.detach().contiguous().cpu() for n, t in module.state_dict().items() if n not in tied}
-    shards, size = [{}], 0
-    for name, t in state.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_size:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += nbytes
-    # write weights first and config.json last, each through a temp file, so a crash never leaves a dir that
-    # looks complete but is not
-    if len(shards) == 1:
-        _atomic(os.path.join(path, "model.safetensors"), lambda p: save_file(shards[0], p, metadata={"format": "pt"}))
-        stale = os.path.join(path, "model.safetensors.index.json")
-        if os.path.exists(stale):
-            os.remove(stale)
-    else:
-        weight_map, n = {}, len(shards)
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            _atomic(os.path.join(path, fname), lambda p, s=shard: save_file(s, p, metadata={"format": "pt"}))
-            weight_map.update({k: fname for k in shard})
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        _atomic(os.path.join(path, "model.safetensors.index.json"), lambda p: _write_json(p, index))
-    _atomic(os.path.join(path, "config.json"), lambda p: _write_json(p, config_dict))
-
-
-def _write_json(p, obj):
-    with open(p, "w") as f:
-        json.dump(obj, f, indent=2)
-
-
-def _atomic(final, write):
-    tmp = final + ".tmp"
-    write(tmp)
-    os.replace(tmp, final)

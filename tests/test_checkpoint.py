@@ -1,4 +1,4 @@
-"""Tests for the checkpoint I/O in nanorlcd/model.py: the Hugging Face safetensors layout, round trips and errors.
+"""Tests for nanorlcd/checkpoint.py: the Hugging Face safetensors layout, atomic saves, training state, errors.
 
 What is checked:
 - `save_pretrained` writes config.json + model.safetensors with exactly HF's tensor names (listed by hand below),
@@ -7,18 +7,26 @@ What is checked:
 - tied embeddings: the file omits lm_head.weight; a tied checkpoint that still carries it also loads;
 - every broken directory raises a one-line ValueError / FileNotFoundError naming the file, field or tensor:
   missing / unexpected / misshapen tensor, missing shard, malformed config.json (bad JSON, missing field),
-  pickles only (refused: torch.load is never called), a non-LLaMA architecture, an unsupported rope_type.
+  pickles only (refused: torch.load is never called), a non-LLaMA architecture, an unsupported rope_type;
+- atomic saves: a save that fails, or a process killed (SIGKILL) mid-write or between the two renames of the
+  swap, leaves the old checkpoint loading bit-exact, never a mix, and its leftovers are removed by the next
+  load or save; a set of models (PPO's policy/ + value/) switches as a whole; kept files survive the swap;
+- training state: AdamW + step + RNG + data position through safetensors/JSON resume bit-identically.
 Run: `python -m pytest tests/test_checkpoint.py -q`
 """
 
 import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from nanorlcd import checkpoint
 from nanorlcd.model import LLaMA
 
 LOAD_ERRORS = (ValueError, FileNotFoundError)
@@ -216,3 +224,187 @@ def test_unknown_rope_type(saved, rope):
     cfg = {**json.loads((path / "config.json").read_text()), **rope}
     (path / "config.json").write_text(json.dumps(cfg))
     load_error(path, "yarn")
+
+
+# ----------------------------------------------------------------------------- atomic saves
+
+def leftovers(parent):
+    """Temporary siblings a save may leave behind (`.NAME.tmp-PID`, `.NAME.old-PID`, `*.tmp-PID`)."""
+    return sorted(n for n in os.listdir(parent) if ".tmp-" in n or ".old-" in n)
+
+
+def perturbed(model, seed):
+    """A copy of `model` with every weight moved, so old and new checkpoints differ in every tensor."""
+    new = LLaMA(model.config)
+    new.load_state_dict(model.state_dict())
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(torch.randn(p.shape, generator=gen))
+    return new.eval()
+
+
+def test_failed_sharded_save_keeps_old_checkpoint(tmp_path, make_model, monkeypatch):
+    """The second shard's write fails: the directory still holds the old model, whole, and nothing else."""
+    ckpt, old = tmp_path / "ckpt", make_model()
+    old.save_pretrained(ckpt, max_shard_size=20_000)
+    before = sorted(os.listdir(ckpt))
+    calls, real_save_file = [], checkpoint.save_file
+
+    def failing_save_file(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        real_save_file(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(checkpoint, "save_file", failing_save_file)
+    with pytest.raises(OSError, match="disk full"):
+        perturbed(old, 1).save_pretrained(ckpt, max_shard_size=20_000)
+    assert sorted(os.listdir(ckpt)) == before and leftovers(tmp_path) == []
+    assert_same_model(old, LLaMA.from_pretrained(ckpt))
+
+
+KILLED_SAVE = """
+import os, signal, sys
+import torch
+from nanorlcd import checkpoint
+from nanorlcd.model import LLaMA
+path, where = sys.argv[1], sys.argv[2]
+model = LLaMA.from_pretrained(path)
+with torch.no_grad():
+    for p in model.parameters():
+        p.add_(1.0)
+calls = []
+def kill_on_second(real):
+    def wrapper(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+    return wrapper
+if where == "between-shards":
+    checkpoint.save_file = kill_on_second(checkpoint.save_file)
+else:      # between the rename of the old directory aside and the rename of the new one in
+    os.rename = kill_on_second(os.rename)
+model.save_pretrained(path, max_shard_size=20_000)
+"""
+
+
+@pytest.mark.parametrize("where", ["between-shards", "between-renames"])
+def test_killed_save_leaves_old_checkpoint(tmp_path, make_model, where):
+    """kill -9 of a sharded save at its two dangerous points: the old checkpoint loads bit-exact (the
+    killed save left a temp dir, or the old dir renamed aside), and the load or save after it cleans up."""
+    ckpt, old = tmp_path / "ckpt", make_model()
+    old.save_pretrained(ckpt, max_shard_size=20_000)
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", KILLED_SAVE, str(ckpt), where], env=env)
+    assert proc.returncode == -9
+    assert leftovers(tmp_path) != []                           # the kill did leave something behind
+    assert_same_model(old, LLaMA.from_pretrained(ckpt))
+    assert leftovers(tmp_path) == []
+    new = perturbed(old, 2)
+    new.save_pretrained(ckpt, max_shard_size=20_000)
+    assert_same_model(new, LLaMA.from_pretrained(ckpt))
+
+
+def test_set_of_models_switches_as_a_whole(tmp_path, make_model):
+    """PPO's policy/ + value/ in one atomic_dir: a failure while writing value/ keeps both old models."""
+    ckpt, policy, value = tmp_path / "ppo", make_model(seed=0), make_model(seed=1)
+    with checkpoint.atomic_dir(ckpt) as tmp:
+        policy.save_pretrained(os.path.join(tmp, "policy"))
+        value.save_pretrained(os.path.join(tmp, "value"))
+    with pytest.raises(RuntimeError, match="killed"):
+        with checkpoint.atomic_dir(ckpt) as tmp:
+            perturbed(policy, 3).save_pretrained(os.path.join(tmp, "policy"))
+            raise RuntimeError("killed while writing value/")
+    assert leftovers(tmp_path) == [] and sorted(os.listdir(ckpt)) == ["policy", "value"]
+    assert_same_model(policy, LLaMA.from_pretrained(ckpt / "policy"))
+    assert_same_model(value, LLaMA.from_pretrained(ckpt / "value"))
+
+
+def test_swap_keeps_other_files_and_drops_stale_shards(tmp_path, make_model):
+    """save_pretrained into a directory holding a tokenizer and an open log: both survive the swap (the open
+    log keeps writing into the new directory); the old shards do not survive a single-file save."""
+    ckpt, model = tmp_path / "ckpt", make_model()
+    model.save_pretrained(ckpt, max_shard_size=20_000)
+    (ckpt / "tokenizer.model").write_bytes(b"spm")
+    with open(ckpt / "log.jsonl", "a") as log:
+        log.write("line 1\n")
+        log.flush()
+        model.save_pretrained(ckpt)
+        log.write("line 2\n")
+    assert sorted(os.listdir(ckpt)) == ["config.json", "log.jsonl", "model.safetensors", "tokenizer.model"]
+    assert (ckpt / "log.jsonl").read_text() == "line 1\nline 2\n"
+    assert (ckpt / "tokenizer.model").read_bytes() == b"spm"
+    assert_same_model(model, LLaMA.from_pretrained(ckpt))
+
+
+def test_atomic_dir_keep(tmp_path):
+    """atomic_dir replaces the directory as a whole: only names in `keep` are carried over."""
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "a").write_text("old a")
+    (d / "b").write_text("old b")
+    (d / "log.jsonl").write_text("log")
+    with checkpoint.atomic_dir(d, keep=("log.jsonl", "a")) as tmp:
+        with open(os.path.join(tmp, "a"), "w") as f:
+            f.write("new a")
+    assert sorted(os.listdir(d)) == ["a", "log.jsonl"]
+    assert (d / "a").read_text() == "new a" and (d / "log.jsonl").read_text() == "log"
+    assert leftovers(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- training state (resume)
+
+def adamw_steps(model, optimizer, n):
+    """n AdamW steps on random data drawn from the global torch RNG (so RNG state matters for resume)."""
+    for _ in range(n):
+        ids = torch.randint(3, 97, (2, 9))
+        loss = torch.nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def test_training_state_resume_is_bit_identical(tmp_path, make_model, monkeypatch):
+    """3 steps, save (weights + optimizer + step + RNG + data position), 2 more steps; against: load into a
+    fresh model and optimizer, restore RNG, 2 steps. Same weights bit for bit; nothing is unpickled."""
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load called"))
+    torch.manual_seed(0)
+    model = make_model().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    adamw_steps(model, opt, 3)
+    with checkpoint.atomic_dir(tmp_path / "ckpt") as tmp:
+        model.save_pretrained(tmp)
+        checkpoint.save_training_state(tmp, opt, step=3, rng_states=checkpoint.rng_states(),
+                                       extra={"data_pos": 6, "prompts": "a.jsonl"})
+    adamw_steps(model, opt, 2)
+
+    resumed = LLaMA.from_pretrained(tmp_path / "ckpt").train()
+    opt2 = torch.optim.AdamW(resumed.parameters(), lr=5.0)       # hyper-parameters come from the state
+    torch.manual_seed(123)                                        # overwritten by the restored RNG state
+    state = checkpoint.load_training_state(tmp_path / "ckpt", opt2)
+    checkpoint.set_rng_states(state["rng_states"])
+    assert state["step"] == 3 and state["extra"] == {"data_pos": 6, "prompts": "a.jsonl"}
+    assert opt2.param_groups[0]["lr"] == 1e-2 and opt2.param_groups[0]["betas"] == (0.9, 0.95)
+    adamw_steps(resumed, opt2, 2)
+    for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_training_state_errors(tmp_path, make_model):
+    """A state saved for other parameters, or a damaged tensor file, is a one-line ValueError naming the file."""
+    model = make_model().train()
+    opt = torch.optim.AdamW(model.parameters())
+    adamw_steps(model, opt, 1)
+    checkpoint.save_training_state(tmp_path, opt, step=1, rng_states=checkpoint.rng_states())
+    other = make_model(intermediate_size=48).train()
+    with pytest.raises(ValueError, match=re.escape(checkpoint.STATE_TENSORS)) as e:
+        checkpoint.load_training_state(tmp_path, torch.optim.AdamW(other.parameters()))
+    assert "shape" in str(e.value) and "\n" not in str(e.value)
+    fewer = torch.optim.AdamW(list(model.parameters())[:3])
+    with pytest.raises(ValueError, match=re.escape(checkpoint.STATE_JSON)):
+        checkpoint.load_training_state(tmp_path, fewer)
+    (tmp_path / checkpoint.STATE_TENSORS).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{broken")
+    with pytest.raises(ValueError, match=re.escape(checkpoint.STATE_TENSORS)):
+        checkpoint.load_training_state(tmp_path, torch.optim.AdamW(model.parameters()))
