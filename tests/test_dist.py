@@ -43,13 +43,22 @@ def test_shard_gather_single_process():
     assert dist.all_reduce_mean({"a": 1.5}) == {"a": 1.5}
 
 
+def torchrun(nproc, script, *args, timeout=600, env=None):
+    """Runs `script args...` under `torchrun --standalone --nproc_per_node=nproc` (gloo on CPU, one thread per
+    rank, this checkout first on PYTHONPATH) and asserts it exits 0. Shared by the DDP and FSDP tests."""
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1",
+           **(env or {})}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(script), *map(str, args)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    first_error = res.stderr[max(0, res.stderr.find("Traceback")):][:4000]   # the failing rank's traceback
+    assert res.returncode == 0, res.stdout[-2000:] + first_error
+    return res
+
+
 def run(nproc, tok_dir, out, script):
     os.makedirs(out)
-    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           script, tok_dir, out]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
+    torchrun(nproc, script, tok_dir, out)
     records = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))][1:]
     return records, json.load(open(os.path.join(out, "dist.json"))), load_file(os.path.join(out, "model.safetensors"))
 
