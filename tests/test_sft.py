@@ -1,5 +1,7 @@
-"""SFT trainer: the response-only loss equals a hand computation, packing keeps every example whole, gradient
-accumulation changes nothing, the schedule has the right shape, and a checkpoint round-trips."""
+"""SFT trainer: the response-only loss equals a hand computation (packed rows, one example per row,
+token- or example-weighted), the reference's end marker is in the target and under the loss, packing keeps
+every example whole, gradient accumulation changes nothing, the warmup resolves from a ratio, a
+non-finite loss stops training before anything is saved, and a checkpoint round-trips."""
 import json
 import math
 import os
@@ -77,9 +79,9 @@ def test_distillation_data_is_tokenized_as_the_policy_samples_it(tok, tmp_path):
 
 
 def test_pack_rows_keeps_examples_whole(tok):
-    tokd = [sft.tokenize_example(tok, p, r, seq_len=300) for p, r in examples(60)]
-    rows = sft.pack_rows(tokd, seq_len=300, seed=3)
-    assert all(len(ids) <= 301 and len(ids) == len(mask) for ids, mask in rows)
+    tokd = [sft.tokenize_example(tok, p, r, seq_len=600) for p, r in examples(60)]
+    rows = sft.pack_rows(tokd, seq_len=600, seed=3)
+    assert all(len(ids) <= 601 and len(ids) == len(mask) for ids, mask in rows)
     # cut rows back into examples at each BOS: the multiset of examples is unchanged
     pieces = []
     for ids, mask in rows:
@@ -130,13 +132,113 @@ def test_gradient_accumulation_is_exact(tok):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_lr_schedule():
-    cfg = sft.SFTConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
-    assert sft.get_lr(0, 100, cfg) == pytest.approx(0.1) and sft.get_lr(9, 100, cfg) == pytest.approx(1.0)
-    assert sft.get_lr(55, 100, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
-    assert sft.get_lr(100, 100, cfg) == pytest.approx(0.1)
-    lrs = [sft.get_lr(s, 100, cfg) for s in range(10, 100)]
-    assert all(x >= y for x, y in zip(lrs, lrs[1:]))
+class CharTokenizer:
+    """One id per character (ord), BOS 1, EOS 2: token ids a reader can write down by hand."""
+    bos_id, eos_id = 1, 2
+
+    def encode(self, text, bos=True, eos=False):
+        return [1] * bos + [ord(c) for c in text] + [2] * eos
+
+
+def test_no_packing_rows_and_end_marker_by_hand():
+    """One example per row, right-padded; the end marker "\\n\\nHuman:" and EOS in the target and under
+    the loss; the prompt (and BOS) outside it. Ids written out by hand with a character tokenizer."""
+    tok = CharTokenizer()
+    a = sft.tokenize_example(tok, "Q:", " ab ", seq_len=100, end_marker=True)
+    b = sft.tokenize_example(tok, "Q:", "c", seq_len=100)
+    marker = [ord(c) for c in "\n\nHuman:"]
+    # BOS "Q:" | " ab" (the reply's own spaces stripped, one seam space) + marker + EOS
+    assert a == ([1, 81, 58, 32, 97, 98] + marker + [2], [0, 0, 0] + [1] * (3 + len(marker) + 1))
+    assert b == ([1, 81, 58, 32, 99, 2], [0, 0, 0, 1, 1, 1])
+    rows = sft.epoch_rows([a, b], seq_len=100, packing=False, seed=0)
+    assert sorted(rows) == sorted([a, b])                       # whole examples, one per row
+    inputs, targets, mask = sft.collate([a, b], pad_id=0)
+    n = len(a[0]) - 1
+    assert inputs.tolist() == [a[0][:-1], b[0] + [0] * (n - 6)]      # pads after b's EOS
+    assert targets.tolist() == [a[0][1:], b[0][1:] + [0] * (n - 5)]
+    assert mask.tolist() == [a[1][1:], b[1][1:] + [0] * (n - 5)]
+    # an over-long example keeps its end: the marker and EOS stay under the loss
+    ids, m = sft.tokenize_example(tok, "Q:", "abcdef", seq_len=12, end_marker=True)
+    assert ids == ([ord(c) for c in "cdef"] + marker + [2]) and m == [1] * 13
+
+
+def test_end_marker_with_sentencepiece(tok):
+    """The real tokenizer: the masked part decodes to the reply + "\\n\\nHuman:", followed by EOS."""
+    for prompt, response in examples(20, seed=6):
+        ids, mask = sft.tokenize_example(tok, prompt, response, seq_len=1000, end_marker=True)
+        assert ids == tok.encode(prompt + " " + response + "\n\nHuman:", bos=True, eos=True)
+        start = mask.index(1)
+        assert mask[start:] == [1] * (len(ids) - start) and ids[-1] == tok.eos_id
+        assert tok.decode(ids[start:]).strip() == response + "\n\nHuman:"
+        assert tok.decode(ids[:start]) == tok.decode(tok.encode(prompt))
+
+
+@pytest.mark.parametrize("per_example", [False, True])
+def test_no_packing_loss_equals_hand_computation(tok, per_example):
+    """packing=False: the first loss = the mean over response tokens (per_example=False) or the mean of
+    each example's mean (per_example=True, the reference's weighting), by a forward per example."""
+    exs = examples(7, seed=3)
+    model = tiny_model(tok)
+    sums, counts = [], []
+    with torch.no_grad():
+        for prompt, response in exs:
+            ids = tok.encode(prompt + " " + response + "\n\nHuman:", bos=True, eos=True)
+            n_prompt = len(tok.encode(prompt, bos=True))
+            logp = F.log_softmax(model(torch.tensor([ids]))[0], dim=-1)     # (T, V)
+            nll = [-logp[t - 1, ids[t]].item() for t in range(n_prompt, len(ids))]
+            sums.append(sum(nll))
+            counts.append(len(nll))
+    want = (sum(s / c for s, c in zip(sums, counts)) / len(exs) if per_example
+            else sum(sums) / sum(counts))
+    cfg = sft.SFTConfig(max_steps=1, batch_size=7, micro_batch_size=7, seq_len=500, lr=0.0,
+                        warmup_steps=1, packing=False, append_end_marker=True,
+                        per_example_loss=per_example)
+    summary = sft.train_lm(cfg, model, tok, exs, exs)
+    assert summary["train/loss"] == pytest.approx(want, rel=1e-5)
+    assert summary["val/loss"] == pytest.approx(want, rel=1e-5)
+
+
+def test_no_packing_accumulation_is_exact(tok):
+    """Per-example weighting: 1 x 6 rows or 3 x 2 rows (different padding) give the same weights."""
+    exs = examples(30, seed=4)
+    cfg = sft.SFTConfig(max_steps=2, batch_size=6, micro_batch_size=6, seq_len=128, lr=1e-2,
+                        warmup_steps=1, packing=False, per_example_loss=True)
+    a, b = tiny_model(tok), tiny_model(tok)
+    sft.train_lm(cfg, a, tok, exs, [])
+    sft.train_lm(replace(cfg, micro_batch_size=2), b, tok, exs, [])
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_warmup_ratio_and_logged_schedule(tmp_path, tok):
+    """warmup_steps=0, warmup_ratio=0.25 of 10 steps -> ceil(2.5) = 3 warmup steps; the logged lrs are
+    lr_at's warmup + cosine to min_lr_ratio, and the resolved warmup is saved in the config."""
+    cfg = sft.SFTConfig(max_steps=10, batch_size=2, seq_len=64, lr=1e-3, warmup_steps=0,
+                        warmup_ratio=0.25, min_lr_ratio=0.0, log_every=1, packing=False)
+    log = str(tmp_path / "log.jsonl")
+    sft.train_lm(cfg, tiny_model(tok), tok, examples(8), [], log_path=log)
+    records = [json.loads(line) for line in open(log)]
+    assert records[0]["config"]["warmup_steps"] == 3
+    hand = [1e-3 * (s + 1) / 3 if s < 3 else 1e-3 * 0.5 * (1 + math.cos(math.pi * (s - 3) / 7))
+            for s in range(10)]
+    assert [r["train/lr"] for r in records[1:]] == pytest.approx(hand)
+
+
+def test_non_finite_loss_stops_before_saving(tmp_path, tok):
+    """A NaN in a weight: a one-line error naming the stage, the step and the quantity; no checkpoint."""
+    model = tiny_model(tok)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    out = tmp_path / "sft"
+    cfg = sft.SFTConfig(max_steps=3, batch_size=2, seq_len=64, warmup_steps=1)
+    with pytest.raises(FloatingPointError, match=r"^sft: step 1: non-finite loss nan"):
+        sft.train_lm(cfg, model, tok, examples(8), [], out_dir=str(out))
+    assert not out.exists()
+    # a huge learning rate: the weights blow up within a few steps, and training stops there
+    cfg = sft.SFTConfig(max_steps=30, batch_size=2, seq_len=64, warmup_steps=1, lr=1e12, grad_clip=0)
+    with pytest.raises(FloatingPointError, match=r"^sft: step \d+: non-finite (loss|grad_norm)"):
+        sft.train_lm(cfg, tiny_model(tok), tok, examples(8), [], out_dir=str(out))
+    assert not out.exists()
 
 
 def test_training_lowers_loss_and_saves_checkpoint(tmp_path, tok):
@@ -165,3 +267,7 @@ def test_bad_batch_config(tok):
         sft.train_lm(sft.SFTConfig(batch_size=6, micro_batch_size=4), tiny_model(tok), tok, examples(4), [])
     with pytest.raises(ValueError, match="empty"):
         sft.train_lm(sft.SFTConfig(batch_size=4, micro_batch_size=4), tiny_model(tok), tok, [], [])
+    with pytest.raises(ValueError, match="per_example_loss=True needs packing=False"):
+        sft.train_lm(sft.SFTConfig(per_example_loss=True), tiny_model(tok), tok, examples(4), [])
+    with pytest.raises(ValueError, match="warmup_ratio"):
+        sft.train_lm(sft.SFTConfig(warmup_ratio=1.5), tiny_model(tok), tok, examples(4), [])
