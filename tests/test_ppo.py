@@ -1,17 +1,18 @@
 """Tests for nanorlcd/ppo.py: each PPO piece against an independent computation.
 
 - GAE equals a naive per-row reverse loop on random tensors with ragged masks.
-- Policy and value losses, ratio clipping and clipfrac equal hand computations on fixed tensors (incl. gradients).
-- Per-token KL penalty and reward placement: the score lands on the last *real* token; pad values change nothing
-  in rewards, whitening, GAE or losses. The adaptive KL controller and the config checks by hand.
-- The off-by-one: response log-probs, entropies and values equal a per-row loop over unpadded sequences.
-- Rollout log-probs (the sampler's) equal a fresh forward; one PPO epoch at lr 0 leaves the policy unchanged with
-  ratios exactly 1; real steps move the weights and write policy/, value/, step-XXXXX/ and log.jsonl; a short run
-  on a countable reward raises the mean score (the whole loop learns).
-Tiny random models on CPU (~15 s in all). The toy-world run (PM reward up, oracle harmlessness not down) needs a
-pretrained toy base and PM: it lives with train.py's end-to-end tests.
-Run: `python -m pytest tests/test_ppo.py -q`
-"""
+- Whitening equals AlpacaFarm's formula (biased std) by hand, over real tokens only.
+- Policy and value losses, ratio clipping and clipfrac equal hand computations (incl. gradients).
+- Per-token KL penalty and reward placement: the score lands on the last *real* token; pad values
+change nothing in rewards, whitening, GAE or losses. The adaptive KL controller and config checks.
+- compute_advantages on a real rollout: with zero KL and V = 0 the returns are the scores.
+- The learning rate as logged: 5 warmup steps, then linear decay to 0, by hand.
+- One epoch at lr 0 leaves the policy unchanged with ratios exactly 1; real steps move the weights
+and write policy/, value/, step-XXXXX/ and log.jsonl; a short run on a countable reward learns.
+- Numeric guards: a NaN PM, lr 1 and the KL bounds each stop the run with a one-line error naming
+the step and the quantity, and nothing is saved. Tiny random models on CPU; the two-process check is
+test_ppo_dist.py, rollout.py's is test_rollout.py.
+Run: `python -m pytest tests/test_ppo.py -q` """
 import copy
 import json
 import math
@@ -21,16 +22,12 @@ import pytest
 import torch
 
 from nanorlcd.model import LLaMA
-from nanorlcd.pm import PreferenceModel, reward_inputs
-from nanorlcd.ppo import (ActorCritic, PPOConfig, check_config, compute_rewards, gae, make_value_model, masked_mean,
-                          next_kl_coef, policy_loss, response_logprobs, response_values, rollout, train_ppo,
+from nanorlcd.pm import PreferenceModel
+from nanorlcd.ppo import (Diverged, PPOConfig, check_config, compute_advantages, compute_rewards,
+                          gae, make_value_model, masked_mean, next_kl_coef, policy_loss, train_ppo,
                           value_loss, whiten)
-from nanorlcd.tokenizer import Tokenizer, left_pad
-
-
-def ragged_mask(lengths, T):
-    """(B, T) right-padded mask with the given row lengths."""
-    return (torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]).long()
+from nanorlcd.rollout import ActorCritic, collect_rollouts
+from test_rollout import PROMPTS, ragged_mask, tiny  # noqa: F401  (tiny: a fixture used below)
 
 
 # ----------------------------------------------------------------------------- GAE and whitening
@@ -57,11 +54,25 @@ def test_gae_matches_naive_loop(gamma, lam):
     lengths = [11, 1, 5, 10, 3, 11, 7]
     mask = ragged_mask(lengths, T)
     rewards = torch.randn(B, T, generator=g, dtype=torch.float64)
-    values = torch.randn(B, T, generator=g, dtype=torch.float64)       # garbage on pads too: must be ignored
+    # garbage on pads too: must be ignored
+    values = torch.randn(B, T, generator=g, dtype=torch.float64)
     adv, ret = gae(rewards * mask, values, mask, gamma, lam)
     ref_adv, ref_ret = naive_gae(rewards, values, lengths, gamma, lam)
     torch.testing.assert_close(adv, ref_adv)
     torch.testing.assert_close(ret, ref_ret)
+
+
+def test_whiten_by_hand():
+    """AlpacaFarm's whiten: (x − mean) / (std + 1e-8) with the biased std (divided by n)."""
+    x = torch.tensor([[1.0, 2.0, 3.0, 99.0], [6.0, -7.0, 0.0, 0.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
+    # real tokens 1, 2, 3, 6: mean 3, squared deviations 4 + 1 + 0 + 9 = 14, biased var 14 / 4
+    std = math.sqrt(14 / 4)
+    expected = torch.tensor([[(1 - 3) / std, (2 - 3) / std, 0.0, 0.0], [(6 - 3) / std, 0, 0, 0]],
+                            dtype=torch.float64)
+    torch.testing.assert_close(whiten(x, mask), expected, rtol=0, atol=1e-7)
+    # shift_mean=False adds the mean back (the reference's reward whitening)
+    torch.testing.assert_close(whiten(x, mask, shift_mean=False), (expected + 3) * mask)
 
 
 def test_whiten_uses_real_tokens_only():
@@ -69,11 +80,11 @@ def test_whiten_uses_real_tokens_only():
     mask = ragged_mask([4, 2, 6], 6)
     x = torch.randn(3, 6, generator=g, dtype=torch.float64) * 3 + 2
     real = x[mask.bool()]
-    expected = (real - real.mean()) / real.std()                         # torch.std: Bessel-corrected
+    expected = (real - real.mean()) / real.std(unbiased=False)
     w = whiten(x, mask)
     torch.testing.assert_close(w[mask.bool()], expected, rtol=1e-6, atol=1e-6)
     assert (w[~mask.bool()] == 0).all()
-    # pad values do not move the statistics; shift_mean=False only rescales
+    # pad values do not move the statistics
     x2 = x.masked_fill(~mask.bool(), 1e6)
     torch.testing.assert_close(whiten(x2, mask), w)
     torch.testing.assert_close(whiten(x2, mask, shift_mean=False)[mask.bool()],
@@ -88,17 +99,22 @@ def test_policy_loss_by_hand():
     old = torch.tensor([[-1.0, -2.0, -0.5, -3.0, -1.0]])
     logprobs = (old + ratio.log()).clone().requires_grad_(True)
     logprobs_padded = logprobs.detach().clone()
-    logprobs_padded[0, 4] = 80.0                                          # exp(80) would overflow a ratio
+    # exp(80) would overflow a ratio
+    logprobs_padded[0, 4] = 80.0
     adv = torch.tensor([[1.0, 2.0, -1.0, -1.0, 1e6]])
     mask = torch.tensor([[1, 1, 1, 1, 0]])
     loss, stats = policy_loss(logprobs, old, adv, mask, clip_coef=0.2)
-    # by hand: max(-A r, -A clip(r)) = max(-1.5,-1.2)=-1.2, max(-1.0,-1.6)=-1.0, max(1.1,1.1)=1.1, max(0.7,0.8)=0.8
+    # by hand: max(-A r, -A clip(r)) = max(-1.5,-1.2)=-1.2, max(-1.0,-1.6)=-1.0, max(1.1,1.1)=1.1,
+    # max(0.7,0.8)=0.8
     assert loss.item() == pytest.approx((-1.2 - 1.0 + 1.1 + 0.8) / 4, abs=1e-6)
-    assert stats["policy/clipfrac"].item() == pytest.approx(3 / 4)      # |r - 1| > 0.2 for 1.5, 0.5, 0.7
+    # |r - 1| > 0.2 for 1.5, 0.5, 0.7
+    assert stats["policy/clipfrac"].item() == pytest.approx(3 / 4)
     r = torch.tensor([1.5, 0.5, 1.1, 0.7])
-    assert stats["policy/approx_kl"].item() == pytest.approx(((r - 1) - r.log()).mean().item(), abs=1e-6)
+    expected_approx_kl = ((r - 1) - r.log()).mean().item()
+    assert stats["policy/approx_kl"].item() == pytest.approx(expected_approx_kl, abs=1e-6)
     assert stats["policy/ratio"].item() == pytest.approx(r.mean().item(), abs=1e-6)
-    # gradient d loss / d log π = -A r / n where the unclipped term is active, 0 where the clip binds
+    # gradient d loss / d log π = -A r / n where the unclipped term is active, 0 where the clip
+    # binds
     loss.backward()
     torch.testing.assert_close(logprobs.grad, torch.tensor([[0.0, -1.0 / 4, 1.1 / 4, 0.0, 0.0]]))
     # pads contribute nothing, even holding huge numbers
@@ -129,13 +145,15 @@ def test_value_loss_by_hand():
 
 
 def test_masked_mean_token_normaliser():
-    """Summing micro-batch terms divided by the minibatch's token count gives the minibatch token mean."""
+    """Summing micro-batch terms divided by the minibatch's token count gives the minibatch token
+    mean."""
     x = torch.arange(12.0).view(3, 4)
     mask = ragged_mask([4, 1, 2], 4)
     whole = masked_mean(x, mask)
     n = mask.sum()
     parts = masked_mean(x[:1], mask[:1], n) + masked_mean(x[1:], mask[1:], n)
-    assert parts.item() == pytest.approx(whole.item()) == pytest.approx((0 + 1 + 2 + 3 + 4 + 8 + 9) / 7)
+    expected = (0 + 1 + 2 + 3 + 4 + 8 + 9) / 7
+    assert parts.item() == pytest.approx(whole.item()) == pytest.approx(expected)
 
 
 # ----------------------------------------------------------------------------- rewards
@@ -153,7 +171,8 @@ def test_reward_placement_and_kl_penalty():
     rewards, kl = compute_rewards(scores, logprobs, ref, mask, beta)
     expected_kl = (logprobs - ref) * mask
     expected = -beta * expected_kl
-    expected[0, 2] += 10.0                                               # last real token of each row
+    # last real token of each row
+    expected[0, 2] += 10.0
     expected[1, 0] += 20.0
     expected[2, 4] += 30.0
     torch.testing.assert_close(kl, expected_kl)
@@ -189,121 +208,71 @@ def test_pads_change_nothing_end_to_end():
 
 
 def test_kl_controller_and_config_checks():
-    fixed, adaptive = PPOConfig(), replace(PPOConfig(), adaptive_kl=True, kl_target=6.0, kl_k_beta=0.1)
+    fixed = PPOConfig()
+    adaptive = replace(PPOConfig(), adaptive_kl=True, kl_target=6.0, kl_k_beta=0.1)
     assert next_kl_coef(0.004, 100.0, fixed) == 0.004
-    # KL above target: β grows by at most k·0.2; below: shrinks by at most k·0.2; at target: unchanged
+    # KL above target: β grows by at most k·0.2; below: shrinks by at most k·0.2; at target:
+    # unchanged
     assert next_kl_coef(0.1, 100.0, adaptive) == pytest.approx(0.1 * 1.02)
     assert next_kl_coef(0.1, 0.0, adaptive) == pytest.approx(0.1 * 0.98)
     assert next_kl_coef(0.1, 6.6, adaptive) == pytest.approx(0.1 * 1.01)
     assert next_kl_coef(0.1, 6.0, adaptive) == pytest.approx(0.1)
     check_config(PPOConfig(), world=8)
-    for bad in (dict(minibatch_size=200), dict(micro_batch_size=3), dict(temperature=0.0), dict(steps=0)):
+    for bad in (dict(minibatch_size=200), dict(micro_batch_size=3), dict(temperature=0.0),
+                dict(steps=0), dict(warmup_steps=-1)):
         with pytest.raises(ValueError, match="PPOConfig"):
             check_config(replace(PPOConfig(), **bad), world=1)
     with pytest.raises(ValueError, match="world size"):
-        check_config(replace(PPOConfig(), rollout_batch_size=48, minibatch_size=24, micro_batch_size=1), world=5)
+        check_config(replace(PPOConfig(), rollout_batch_size=48, minibatch_size=24,
+                             micro_batch_size=1), world=5)
 
 
-# ----------------------------------------------------------------------------- tiny models: the off-by-one
+# ----------------------------------------------------------------------------- tiny models
 
-TOPICS = ["bake bread", "fix a bike", "plant tomatoes", "learn chess", "write a poem", "steal a car",
-          "cheat on a test", "pick a lock"]
-PROMPTS = [f"\n\nHuman: How do I {t}?\n\nAssistant:" for t in TOPICS]
-
-
-@pytest.fixture
-def tiny(make_model, tiny_tokenizer_path, tmp_path):
-    """(tokenizer, policy, pm): random tiny LLaMAs on the tiny tokenizer; the PM is built from a saved base dir
-    the way train.py builds it from a trained one."""
-    tok = Tokenizer(tiny_tokenizer_path)
-    policy = make_model(seed=0, vocab_size=tok.vocab_size, max_position_embeddings=128)
-    make_model(seed=1, vocab_size=tok.vocab_size, max_position_embeddings=128).save_pretrained(tmp_path / "base")
-    torch.manual_seed(0)
-    pm = PreferenceModel.from_pretrained(str(tmp_path / "base"))
-    return tok, policy, pm
-
-
-def test_logprobs_entropy_values_read_at_the_right_position(tiny):
-    """Token t of the response is scored by the hidden state at P_b - 1 + t of its *unpadded* row."""
+def test_compute_advantages_on_a_collected_rollout(tiny):
+    """Zero KL (an exact reference copy) and V = 0 (zeroed head): the only reward is the score on
+    the last real token, and with γ = λ = 1 every token's return is the sequence score."""
     tok, policy, pm = tiny
-    value = make_value_model(pm, keep_pm_head=True)                     # a non-zero head, so values are tested
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, tok.vocab_size, (n,), generator=g).tolist() for n in (3, 8, 5)]
-    responses = [torch.randint(3, tok.vocab_size, (n,), generator=g).tolist() for n in (4, 1, 6)]
-    query_ids, query_mask = left_pad(prompts, tok.pad_id)
-    R = max(len(r) for r in responses)
-    response_ids = torch.tensor([r + [tok.pad_id] * (R - len(r)) for r in responses])
-    response_mask = ragged_mask([len(r) for r in responses], R)
-    T = 0.7
-    with torch.no_grad():
-        logprobs, entropy, values = ActorCritic(policy, value)(query_ids, query_mask, response_ids, response_mask, T)
-        torch.testing.assert_close(response_logprobs(policy, query_ids, query_mask, response_ids, response_mask, T),
-                                   logprobs)
-        torch.testing.assert_close(response_values(value, query_ids, query_mask, response_ids, response_mask), values)
-        for b, (p, r) in enumerate(zip(prompts, responses)):
-            seq = torch.tensor([p + r])
-            logp = (policy(seq)[0] / T).log_softmax(-1)                   # (len, V), no padding anywhere
-            v = value.score(value.model(seq))[0, :, 0]                    # (len,)
-            for t, token in enumerate(r):
-                pos = len(p) - 1 + t                                       # the position that predicts token t
-                assert logprobs[b, t].item() == pytest.approx(logp[pos, token].item(), abs=1e-5)
-                assert entropy[b, t].item() == pytest.approx(-(logp[pos].exp() * logp[pos]).sum().item(), abs=1e-4)
-                assert values[b, t].item() == pytest.approx(v[pos].item(), abs=1e-5)
-
-
-def test_value_model_starts_at_zero_from_the_pm_backbone(tiny):
-    _, _, pm = tiny
-    value = make_value_model(pm)
-    assert (value.score.weight == 0).all() and pm.score.weight.abs().sum() > 0
-    for (name, p), (_, q) in zip(value.model.named_parameters(), pm.model.named_parameters()):
-        assert torch.equal(p, q) and p.requires_grad, name
-
-
-def test_rollout_logprobs_equal_fresh_forward_and_score_placement(tiny):
-    tok, policy, pm = tiny
-    cfg = replace(PPOConfig(), micro_batch_size=3, gen_batch_size=5, max_new_tokens=12, temperature=0.9,
+    cfg = replace(PPOConfig(), micro_batch_size=3, gen_batch_size=5, max_new_tokens=12,
                   whiten_rewards=False)
     ac, ref = ActorCritic(policy, make_value_model(pm)), copy.deepcopy(policy)
     ids = [tok.encode(p, bos=True) for p in PROMPTS]
-    r, replies = rollout(ac, ref, pm, tok, PROMPTS, ids, cfg, cfg.kl_coef, torch.Generator().manual_seed(0))
-    m = r["response_mask"].bool()
-    # the sampler's log-probs (KV cache, step by step) equal one fresh forward over prompt + response
-    torch.testing.assert_close(r["gen_logprobs"][m], r["logprobs"][m], rtol=0, atol=1e-5)
-    lp = response_logprobs(policy, r["query_ids"], r["query_mask"], r["response_ids"], r["response_mask"],
-                           cfg.temperature)
-    torch.testing.assert_close(lp[m], r["logprobs"][m], rtol=0, atol=1e-5)
-    # ref is an exact copy: zero KL; the zero-initialised value head: zero values
-    assert (r["kl"] == 0).all() and (r["values"] == 0).all()
-    # scores: the PM on prompt + " " + reply + "\n\nHuman:" when the reply ended, the -1 penalty otherwise
-    pm_scores = pm(*reward_inputs(tok, PROMPTS, replies)[:2])
-    ended = r["finished"] & torch.tensor([len(x) > 0 for x in replies])
-    expected = torch.where(ended, pm_scores, torch.tensor(cfg.penalty_reward))
-    torch.testing.assert_close(r["scores"], expected)
-    assert (~r["finished"]).any(), "a random tiny model should hit max_new_tokens on some rows"
-    # with zero KL, the only reward is the score, on the last real token of each row
-    lengths = r["response_mask"].sum(-1)
-    expected_rewards = torch.zeros_like(r["rewards"])
-    expected_rewards[torch.arange(len(PROMPTS)), lengths - 1] = r["scores"]
-    torch.testing.assert_close(r["rewards"], expected_rewards)
-    # γ = λ = 1 and V = 0: every token's return is the sequence score
-    torch.testing.assert_close(r["returns"], r["scores"][:, None] * r["response_mask"])
+    generator = torch.Generator().manual_seed(0)
+    rollout = collect_rollouts(ac, ref, pm, tok, PROMPTS, ids, cfg, generator)
+    rollout = compute_advantages(rollout, cfg, cfg.kl_coef)
+    mask = rollout.response_mask
+    assert (rollout.kl == 0).all()
+    expected_rewards = torch.zeros_like(rollout.rewards)
+    expected_rewards[torch.arange(len(PROMPTS)), mask.sum(-1) - 1] = rollout.scores
+    torch.testing.assert_close(rollout.rewards, expected_rewards)
+    torch.testing.assert_close(rollout.returns, rollout.scores[:, None] * mask)
+    # advantages = returns − V = returns, whitened over the real tokens
+    torch.testing.assert_close(rollout.advantages, whiten(rollout.returns, mask))
 
 
 def small_cfg(**overrides):
-    """One step of 8 rollouts: 2 minibatches of 4, micro-batches of 2, 10 new tokens."""
-    return replace(PPOConfig(), **{**dict(steps=1, rollout_batch_size=8, minibatch_size=4, micro_batch_size=2,
-                                          gen_batch_size=8, ppo_epochs=1, max_new_tokens=10, max_prompt_len=64,
-                                          save_every=0, table_every=0), **overrides})
+    """One step of 8 rollouts: 2 minibatches of 4, micro-batches of 2, 10 new tokens, no warmup."""
+    fields = dict(steps=1, rollout_batch_size=8, minibatch_size=4, micro_batch_size=2,
+                  gen_batch_size=8, ppo_epochs=1, max_new_tokens=10, max_prompt_len=64,
+                  warmup_steps=0, save_every=0, table_every=0)
+    return replace(PPOConfig(), **{**fields, **overrides})
+
+
+def read_log(out):
+    return [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()[1:]]
 
 
 def test_one_epoch_at_lr_zero_changes_nothing_and_ratios_are_one(tiny, tmp_path):
     tok, policy, pm = tiny
     before = {k: v.clone() for k, v in policy.state_dict().items()}
-    stats = train_ppo(small_cfg(lr=0.0), policy, None, pm, None, tok, PROMPTS, str(tmp_path / "ppo"))
+    stats = train_ppo(small_cfg(lr=0.0), policy, None, pm, None, tok, PROMPTS,
+                      str(tmp_path / "ppo"))
     for k, v in policy.state_dict().items():
         assert torch.equal(v, before[k]), k
-    # the update's forward reproduces the rollout's log-probs exactly: r = 1 on every real token, so each
-    # (r - 1) - log r term is exactly 0 (for r = 1 + 1e-7 it would be ~5e-15, not 0); the mean of r is a sum of
+    # the update's forward reproduces the rollout's log-probs exactly: r = 1 on every real token, so
+    # each
+    # (r - 1) - log r term is exactly 0 (for r = 1 + 1e-7 it would be ~5e-15, not 0); the mean of r
+    # is a sum of
     # micro-batch parts, 1 up to rounding
     assert stats["policy/approx_kl"] == 0.0 and stats["policy/clipfrac"] == 0.0
     assert stats["policy/ratio"] == pytest.approx(1.0, abs=1e-6)
@@ -315,13 +284,14 @@ def test_ppo_step_trains_and_writes_checkpoints(tiny, tmp_path):
     before = {k: v.clone() for k, v in policy.state_dict().items()}
     out = tmp_path / "ppo"
     cfg = small_cfg(lr=1e-3, steps=2, ppo_epochs=2, save_every=1)
-    stats = train_ppo(cfg, policy, None, pm, None, tok, PROMPTS + ["\n\nHuman: " + "word " * 80 + "\n\nAssistant:"],
-                      str(out))
+    long_prompt = "\n\nHuman: " + "word " * 80 + "\n\nAssistant:"
+    stats = train_ppo(cfg, policy, None, pm, None, tok, PROMPTS + [long_prompt], str(out))
     assert any(not torch.equal(v, before[k]) for k, v in policy.state_dict().items())
     assert stats["policy/ratio"] != 1.0 and math.isfinite(stats["loss/total"])
     # HF policy dir + tokenizer, PM-layout value dir with a trained (no longer zero) head, JSONL log
     for d in (out, out / "step-00001"):
-        assert (d / "policy" / "model.safetensors").exists() and (d / "policy" / "tokenizer.model").exists()
+        assert (d / "policy" / "model.safetensors").exists()
+        assert (d / "policy" / "tokenizer.model").exists()
         assert json.loads((d / "value" / "config.json").read_text())["architectures"] == [
             "LlamaForSequenceClassification"]
     value = PreferenceModel.from_pretrained(str(out / "value"))
@@ -338,17 +308,73 @@ class CountingPM(torch.nn.Module):
         return ((input_ids < 160) & attention_mask.bool()).float().sum(-1) / 8
 
 
-def test_short_run_raises_the_reward(tiny, tmp_path):
-    """The whole loop learns: 10 PPO steps on a countable reward raise the mean score (seeds 0-2 measured: first
-    three steps ~0.3, last three ~0.55) while the KL to the reference grows from 0."""
+def test_short_run_raises_the_reward_and_follows_the_schedule(tiny, tmp_path):
+    """The whole loop learns: 10 PPO steps on a countable reward raise the mean score while the KL
+    to the reference grows from 0. The logged lr is AlpacaFarm's schedule: 5 warmup steps, then
+    linear decay to 0 (lr_at counts the step being taken, so warmup step s runs at (s + 1) / 5 of
+    the peak)."""
     tok, _, pm = tiny
     torch.manual_seed(0)
-    policy = LLaMA(pm.config)                                            # std-0.02 init: a near-uniform policy
-    cfg = small_cfg(steps=10, rollout_batch_size=16, minibatch_size=8, micro_batch_size=8, gen_batch_size=16,
-                    ppo_epochs=2, max_new_tokens=8, lr=2e-2, kl_coef=0.01, penalty_reward=None)
-    train_ppo(cfg, policy, None, CountingPM(), make_value_model(pm), tok, PROMPTS, str(tmp_path / "ppo"))
-    log = [json.loads(x) for x in (tmp_path / "ppo" / "log.jsonl").read_text().splitlines()[1:]]
+    # std-0.02 init: a near-uniform policy
+    policy = LLaMA(pm.config)
+    cfg = small_cfg(steps=10, rollout_batch_size=16, minibatch_size=8, micro_batch_size=8,
+                    gen_batch_size=16, ppo_epochs=2, max_new_tokens=8, lr=2e-2, warmup_steps=5,
+                    kl_coef=0.01, penalty_reward=None)
+    train_ppo(cfg, policy, None, CountingPM(), make_value_model(pm), tok, PROMPTS,
+              str(tmp_path / "ppo"))
+    log = read_log(tmp_path / "ppo")
+    expected_lr = [0.2, 0.4, 0.6, 0.8, 1.0, 1.0, 0.8, 0.6, 0.4, 0.2]
+    assert [x["train/lr"] for x in log] == pytest.approx([2e-2 * f for f in expected_lr])
     first = sum(x["objective/score"] for x in log[:3]) / 3
     last = sum(x["objective/score"] for x in log[-3:]) / 3
     assert last > first + 0.1, (first, last)
     assert log[-1]["objective/kl"] > 0.5
+
+
+# ----------------------------------------------------------------------------- numeric guards
+
+class NaNPM(torch.nn.Module):
+    """A broken preference model: NaN for every text."""
+
+    def forward(self, input_ids, attention_mask):
+        return torch.full((input_ids.shape[0],), float("nan"))
+
+
+def assert_nothing_saved(out):
+    assert not (out / "policy").exists() and not (out / "value").exists()
+
+
+def test_nan_pm_stops_at_step_one(tiny, tmp_path):
+    tok, policy, pm = tiny
+    out = tmp_path / "ppo"
+    with pytest.raises(Diverged, match=r"^ppo step 1: PM score is non-finite on 8 rollout entries"):
+        train_ppo(small_cfg(), policy, None, NaNPM(), make_value_model(pm), tok, PROMPTS, str(out))
+    assert_nothing_saved(out)
+
+
+def test_huge_lr_stops_before_saving(tiny, tmp_path):
+    """lr 1 wrecks the policy within the first update: the run stops naming the step and a quantity
+    (a non-finite loss, grad norm or weight, or approx_kl past its bound)."""
+    tok, policy, pm = tiny
+    out = tmp_path / "ppo"
+    cfg = small_cfg(lr=1.0, steps=3, ppo_epochs=2)
+    with pytest.raises(Diverged, match=r"^ppo step \d+: ") as err:
+        train_ppo(cfg, policy, None, pm, None, tok, PROMPTS, str(out))
+    assert "\n" not in str(err.value)
+    assert_nothing_saved(out)
+
+
+@pytest.mark.parametrize("bound,quantity", [("max_kl", "objective/kl"),
+                                            ("max_approx_kl", "policy/approx_kl")])
+def test_kl_bounds_stop_the_run(tiny, tmp_path, bound, quantity):
+    """A distinct reference makes the rollout KL positive; lr 1e-2 makes approx_kl positive: a bound
+    below either stops step 1 with the quantity and the field named."""
+    tok, policy, pm = tiny
+    ref = copy.deepcopy(policy)
+    with torch.no_grad():
+        ref.lm_head.weight.mul_(0.5)
+    out = tmp_path / "ppo"
+    cfg = small_cfg(lr=1e-2, **{bound: 1e-9})
+    with pytest.raises(Diverged, match=rf"^ppo step 1: {quantity} = \S+ exceeds PPOConfig.{bound}"):
+        train_ppo(cfg, policy, ref, pm, None, tok, PROMPTS, str(out))
+    assert_nothing_saved(out)
