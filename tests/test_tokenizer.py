@@ -3,7 +3,7 @@
 What is checked: exact text round trip (HH "\\n\\n" separators, repeated spaces, Unicode through byte fallback),
 BOS/EOS placement and never a double BOS, the special ids read from the model file (and a pad that is not EOS),
 batch encoding to a left-padded tensor with its mask, decoding that skips pad/BOS/EOS, loading from a
-directory, save(), and a missing file.
+directory, save(), and a missing or damaged file.
 Run: `python -m pytest tests/test_tokenizer.py -q`
 """
 
@@ -95,3 +95,17 @@ def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer.model") as e:
         Tokenizer(str(tmp_path))
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "tiktoken"])
+def test_damaged_model_file(tiny_tokenizer_path, tmp_path, damage):
+    """A damaged tokenizer.model fails at construction with one line naming the file (not sentencepiece's
+    multi-line C++ error at first use); "tiktoken" is LLaMA-3's original/tokenizer.model format."""
+    good = open(tiny_tokenizer_path, "rb").read()
+    content = {"garbage": b"\x89PNG\r\n" + bytes(range(256)) * 4, "truncated": good[: len(good) // 2],
+               "empty": b"", "tiktoken": b"IQ== 0\nIg== 1\nIw== 2\n"}[damage]
+    path = tmp_path / "tokenizer.model"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="not a sentencepiece model") as e:
+        Tokenizer(str(tmp_path))
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
