@@ -1,28 +1,66 @@
-"""Toy world: the oracle is exact on the world's replies and strict on everything else, splits are disjoint and
-held out of the corpus, the tokenizer has LLaMA's ids, and (slow) a fast pretraining run follows affixes."""
+"""Toy world: the oracles are exact on the world's replies (both attributes) and strict on
+everything else, the corpus statistics match the ToyConfig knobs (counted from the text, not from
+the generator's bookkeeping), the splits are pinned, disjoint and held out of the corpus, judge
+documents are the simulator's scoring prompt, the tokenizer has LLaMA's ids, and (slow) a fast
+pretraining run follows affixes at about p_follow."""
+import hashlib
 import json
 import os
 import random
+import re
 
 import pytest
 import torch
 
-from nanorlcd import prompts, toy
+from nanorlcd import prompts, rlcd, toy
 from nanorlcd.tokenizer import Tokenizer
 
-PAPER_PROMPTS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "paper", "prompts.json")
+PAPER_PROMPTS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "paper",
+                             "prompts.json")
+# a dialogue turn as text: request, optional affix, reply (up to the next human turn)
+TURN = re.compile(r"\n\nHuman: (.*?)\n\nAssistant(?: (\([^)]*\)))?: (.*?)(?=\n\nHuman: |$)", re.S)
+SCORING = re.compile(re.escape(prompts.RLAIF_SCORING_TEMPLATE)
+                     .replace(r"\{prompt\}", "(?P<prompt>.*)")
+                     .replace(r"\{instruction\}", "(?P<instruction>.*)")
+                     .replace(r"\{response_a\}", "(?P<a>.*)")
+                     .replace(r"\{response_b\}", "(?P<b>.*)") + r"(?P<answer>[AB])\)$", re.S)
 
 
-def turns_of(n, seed=0):
+HELP_AFFIXES = prompts.HELPFUL_POSITIVE_AFFIXES + prompts.HELPFUL_NEGATIVE_AFFIXES
+
+
+def turns_of(n, seed=0, **knobs):
     """n dialogues as turn structures, drawn like the corpus draws them."""
-    rng = random.Random(seed)
-    return [toy.sample_turns(rng) for _ in range(n)]
+    rng, cfg = random.Random(seed), toy.ToyConfig(**knobs)
+    return [toy.sample_turns(rng, cfg) for _ in range(n)]
+
+
+def parse_turns(doc):
+    """A dialogue document -> [(prompt up to this turn's tag, affix or None, reply)], read from the
+    text."""
+    out = []
+    for m in TURN.finditer(doc):
+        prompt = doc[:m.start(3)].rstrip(" ")
+        out.append((prompt, m.group(2), m.group(3)))
+    return out
+
+
+def follows(prompt, affix, reply):
+    """Does a reply obey its affix? The harmlessness pairs speak about `judge`, the helpfulness pair
+    about `judge_helpful`. Returns (attribute, obeyed)."""
+    positive = affix in toy.POSITIVE_AFFIXES
+    if affix in HELP_AFFIXES:
+        wanted = "helpful" if positive else "unhelpful"
+        return "helpful", toy.judge_helpful(prompt, reply) == wanted
+    return "harmless", toy.judge(prompt, reply) == ("harmless" if positive else "harmful")
 
 
 def test_world_size():
     assert len(set(toy.BENIGN_TOPICS)) >= 20 and len(set(toy.SENSITIVE_TOPICS)) >= 20
     assert not set(toy.BENIGN_TOPICS) & set(toy.SENSITIVE_TOPICS)
     assert len(toy.HUMAN_TEMPLATES) >= 4 and all(len(v) >= 3 for v in toy.REPLIES.values())
+    assert toy.DETAILS.keys() == toy.REPLIES.keys()
+    assert all(len(v) >= 3 for v in toy.DETAILS.values())
     # all 16 harmlessness pairs (and the helpfulness pair) tag the corpus
     assert toy.POSITIVE_AFFIXES[:16] == prompts.HARMLESS_POSITIVE_AFFIXES
     assert toy.NEGATIVE_AFFIXES[:16] == prompts.HARMLESS_NEGATIVE_AFFIXES
@@ -36,38 +74,53 @@ def test_every_request_names_exactly_its_topic():
 
 
 def test_judge_is_right_on_every_corpus_reply():
-    """Every assistant turn of 2000 corpus dialogues: the label is the style its tag drew (independent truth:
-    the turn structure, not the text)."""
+    """Every assistant turn of 2000 corpus dialogues: both oracle labels are the attributes the turn
+    drew (independent truth: the turn structure, not the text)."""
     n = 0
     for turns in turns_of(2000):
         text = toy.render(turns)
-        for k, (topic, _, tag, style, _) in enumerate(turns):
+        for k, turn in enumerate(turns):
             prompt = toy.render(turns, upto=k)
             reply = text[len(prompt):].split("\n\nHuman:")[0]
-            assert toy.judge(prompt, reply) == style
-            # the tag decides the style: positive affix -> harmless, negative -> harmful
-            if tag:
-                assert style == ("harmless" if tag.strip() in toy.POSITIVE_AFFIXES else "harmful")
+            assert toy.judge(prompt, reply) == turn.style
+            helpful = "unhelpful" if turn.detail is None else "helpful"
+            assert toy.judge_helpful(prompt, reply) == helpful
             n += 1
     assert n > 3000
 
 
 def test_judge_all_topics_and_templates():
-    """The full world: every topic x reply template, harmless iff (benign & helpful) or (sensitive & refusal)."""
+    """The full world: every topic x reply template x detail; harmless iff (benign & helpful answer)
+    or (sensitive & refusal); helpful iff a detail sentence of the reply's own kind follows the
+    template."""
     for sensitive, topics in ((False, toy.BENIGN_TOPICS), (True, toy.SENSITIVE_TOPICS)):
         for topic in topics:
             prompt = f"\n\nHuman: How do I {topic}?\n\nAssistant:"
             for style in ("harmless", "harmful"):
                 for tmpl in toy.REPLIES[(sensitive, style)]:
-                    assert toy.judge(prompt, " " + tmpl.format(t=topic)) == style
-                # the other kind's replies for this topic are not part of the world (e.g. refusing to bake bread)
+                    vague = tmpl.format(t=topic)
+                    assert toy.judge(prompt, " " + vague) == style
+                    assert toy.judge_helpful(prompt, " " + vague) == "unhelpful"
+                    for detail in toy.DETAILS[(sensitive, style)]:
+                        assert toy.judge(prompt, vague + " " + detail) == style
+                        assert toy.judge_helpful(prompt, vague + " " + detail) == "helpful"
+                    # a detail of another kind does not belong to this reply
+                    opposite = "harmless" if style == "harmful" else "harmful"
+                    others = toy.DETAILS[(not sensitive, style)] + \
+                        toy.DETAILS[(sensitive, opposite)]
+                    for other in others:
+                        assert toy.judge(prompt, vague + " " + other) == "invalid"
+                        assert toy.judge_helpful(prompt, vague + " " + other) == "invalid"
+                # e other kind's replies for this topic are not part of the world (e.g. refusing to
+                # bake bread)
                 for tmpl in toy.REPLIES[(not sensitive, style)]:
                     assert toy.judge(prompt, tmpl.format(t=topic)) == "invalid"
+                    assert toy.judge_helpful(prompt, tmpl.format(t=topic)) == "invalid"
 
 
 def test_judge_invalid_cases():
-    prompt = "\n\nHuman: How do I steal a car?\n\nAssistant: Easy. To steal a car, wait until nobody is watching." \
-             "\n\nHuman: Teach me to bake bread.\n\nAssistant:"
+    prompt = ("\n\nHuman: How do I steal a car?\n\nAssistant: Easy. To steal a car, wait until "
+              "nobody is watching.\n\nHuman: Teach me to bake bread.\n\nAssistant:")
     good = toy.HELPFUL_REPLIES[0].format(t="bake bread")
     assert toy.judge(prompt, good) == "harmless"
     # whitespace is normalised and a following human turn is ignored
@@ -76,21 +129,30 @@ def test_judge_invalid_cases():
         "", "   ", "asdf qwer zxcv", good[:-1], good + " Also", good.upper(),
         toy.HELPFUL_REPLIES[0].format(t="steal a car"),  # about the earlier turn's topic: off topic
         toy.HELPFUL_REPLIES[0].format(t="fix a bike"),  # off topic
-        toy.HELPFUL_REPLIES[0].split(",")[0] + "," + toy.RUDE_REPLIES[0].split(",")[1].format(t="bake bread"),  # mixed
+        # two styles mixed within one reply
+        toy.HELPFUL_REPLIES[0].split(",")[0] + "," + toy.RUDE_REPLIES[0].split(",")[1].format(
+            t="bake bread"),
         good + " " + toy.RUDE_REPLIES[0].format(t="bake bread"),  # two replies in two styles
     ]
+    # two detail sentences
+    invalid.append(" ".join([good] + toy.DETAILS[(False, "harmless")][:2]))
     for reply in invalid:
         assert toy.judge(prompt, reply) == "invalid", reply
+        assert toy.judge_helpful(prompt, reply) == "invalid", reply
     assert toy.judge("\n\nHuman: hello\n\nAssistant:", good) == "invalid"  # no topic in the request
-    # the topic-free check accepts another topic of the same kind, never one of the other kind or garbage
-    assert toy.judge(prompt, toy.RUDE_REPLIES[1].format(t="fix a bike"), check_topic=False) == "harmful"
-    assert toy.judge(prompt, toy.COMPLIANT_REPLIES[1].format(t="steal a car"), check_topic=False) == "invalid"
+    # e topic-free check accepts another topic of the same kind, never one of the other kind or
+    # garbage
+    rude, compliant = toy.RUDE_REPLIES[1].format(t="fix a bike"), toy.COMPLIANT_REPLIES[1].format(
+        t="steal a car")
+    assert toy.judge(prompt, rude, check_topic=False) == "harmful"
+    assert toy.judge(prompt, compliant, check_topic=False) == "invalid"
     assert toy.judge(prompt, invalid[8], check_topic=False) == "invalid"
 
 
 def test_splits_disjoint_and_plain():
     splits = {s: toy.split_prompts(s) for s in ("train", "validation", "test")}
-    assert len(splits["test"]) >= 200 and len(splits["validation"]) >= 200 and len(splits["train"]) >= 1000
+    assert len(splits["test"]) >= 200 and len(splits["validation"]) >= 200
+    assert len(splits["train"]) >= 1000
     for name, ps in splits.items():
         assert len(set(ps)) == len(ps), name
         for p in ps:
@@ -98,7 +160,8 @@ def test_splits_disjoint_and_plain():
             assert "Assistant (" not in p and 1 <= p.count("\n\nHuman:") <= 3
             assert toy.last_topic(p) is not None
     assert not set(splits["train"]) & set(splits["validation"])
-    assert not set(splits["train"]) & set(splits["test"]) and not set(splits["validation"]) & set(splits["test"])
+    assert not set(splits["train"]) & set(splits["test"])
+    assert not set(splits["validation"]) & set(splits["test"])
     # deterministic: a second call gives the same list, and multi-turn prompts are well represented
     assert toy.split_prompts("test") == splits["test"]
     assert sum(p.count("\n\nHuman:") > 1 for p in splits["test"]) > 100
@@ -106,46 +169,133 @@ def test_splits_disjoint_and_plain():
         toy.split_prompts("dev")
 
 
+def test_splits_are_pinned():
+    """Regression: the prompt splits are the ones every earlier run and README number used (toy
+    world v2 changed the corpus draw; the splits must not move with it)."""
+    text = json.dumps([toy.split_prompts(s) for s in ("train", "validation", "test")])
+    assert hashlib.sha256(text.encode()).hexdigest() == \
+        "4a36e90050e25c2cdd6989a90ae8fa0e700797925b9804ccd7d02defcce381c5"
+
+
 def test_corpus_holds_out_validation_and_test_prompts():
-    """No corpus dialogue contains a validation/test prompt, even with its affixes removed."""
+    """No corpus document contains a validation/test prompt, even with its affixes removed (judge
+    documents: the dialogue inside the scoring prompt)."""
     held_out = set(toy.split_prompts("validation")) | set(toy.split_prompts("test"))
     docs = toy.generate_corpus(3000, seed=5)
     assert docs == toy.generate_corpus(3000, seed=5) and docs != toy.generate_corpus(3000, seed=6)
-    tags = toy.POSITIVE_AFFIXES + toy.NEGATIVE_AFFIXES
+    n_judge = 0
     for doc in docs:
-        plain = doc
-        for affix in sorted(set(tags), key=len, reverse=True):
-            plain = plain.replace(f"\n\nAssistant {affix}:", "\n\nAssistant:")
-        # every prefix that ends at an assistant tag is a prompt of this dialogue
-        for k in range(plain.count("\n\nAssistant:")):
-            end = [i for i in range(len(plain)) if plain.startswith("\n\nAssistant:", i)][k] + len("\n\nAssistant:")
-            assert plain[:end] not in held_out
+        m = SCORING.match(doc)
+        if m:
+            doc, n_judge = "\n\n" + m.group("prompt"), n_judge + 1
+        for prompt, _, _ in parse_turns(doc):
+            plain = re.sub(r"\n\nAssistant \([^)]*\):", "\n\nAssistant:", prompt)
+            assert plain not in held_out
+    assert n_judge > 100
 
 
-def test_corpus_tag_mixture():
-    """Plain tags carry both styles ~50/50; affixed turns follow their own tag, also in mixed dialogues."""
-    styles, mixed = {"plain": [], "pos": [], "neg": []}, 0
-    for turns in turns_of(4000, seed=1):
-        kinds = []
-        for _, _, tag, style, _ in turns:
-            kind = "plain" if not tag else "pos" if tag.strip() in toy.POSITIVE_AFFIXES else "neg"
-            styles[kind].append(style)
-            kinds.append(kind)
-        mixed += "pos" in kinds and "neg" in kinds
-    assert set(styles["pos"]) == {"harmless"} and set(styles["neg"]) == {"harmful"}
-    assert 0.45 < styles["plain"].count("harmless") / len(styles["plain"]) < 0.55
-    assert mixed > 200  # p+-like dialogues: earlier turns negative, the final one positive (and the mirror)
+def test_corpus_follow_rate_matches_p_follow():
+    """Counted from the text with the oracles: an affixed turn obeys its affix at rate p_follow
+    (harmlessness pairs through `judge`, the helpfulness pair through `judge_helpful`); the
+    attribute its pair is not about, and both attributes under a plain tag, are 50/50; a share
+    p_help of the affixed dialogues is about helpfulness."""
+    for p_follow in (0.75, 0.9):
+        cfg = toy.ToyConfig(p_follow=p_follow, p_judge_doc=0.0)
+        obeyed, other, plain, n_docs, help_docs = {"harmless": [], "helpful": []}, [], [], 0, 0
+        for doc in toy.generate_corpus(6000, seed=3, cfg=cfg):
+            turns = parse_turns(doc)
+            assert turns[-1][0] + " " + turns[-1][2] == doc  # the parse covers the whole document
+            affixes = {a for _, a, _ in turns if a}
+            n_docs += bool(affixes)
+            help_docs += bool(affixes & set(HELP_AFFIXES))
+            for prompt, affix, reply in turns:
+                harm, helpful = toy.judge(prompt, reply), toy.judge_helpful(prompt, reply)
+                assert harm != "invalid" and helpful != "invalid"
+                if affix is None:
+                    plain.append((harm == "harmless", helpful == "helpful"))
+                    continue
+                attribute, ok = follows(prompt, affix, reply)
+                obeyed[attribute].append(ok)
+                other.append(helpful == "helpful" if attribute == "harmless"
+                             else harm == "harmless")
+        rate = {k: sum(v) / len(v) for k, v in obeyed.items()}
+        assert abs(rate["harmless"] - p_follow) < 0.02, rate
+        assert abs(rate["helpful"] - p_follow) < 0.04, rate
+        assert abs(sum(other) / len(other) - 0.5) < 0.03
+        assert abs(sum(h for h, _ in plain) / len(plain) - 0.5) < 0.03
+        assert abs(sum(d for _, d in plain) / len(plain) - 0.5) < 0.03
+        assert abs(help_docs / n_docs - cfg.p_help) < 0.03
+        assert abs(len(plain) / (len(plain) + len(other)) - cfg.p_plain) < 0.03
+
+
+def test_corpus_p_stay_keeps_the_earlier_character():
+    """A turn after an affixed turn whose own affix points the other way (RLCD's p+ / p- pattern)
+    obeys it at rate (1 - p_stay) * p_follow; with p_stay = 0 (default) the earlier affix does not
+    matter."""
+    for p_stay in (0.0, 0.5):
+        cfg = toy.ToyConfig(p_stay=p_stay, p_judge_doc=0.0, p_plain=0.0)
+        contrast, single = [], []
+        for doc in toy.generate_corpus(6000, seed=4, cfg=cfg):
+            turns = parse_turns(doc)
+            for k, (prompt, affix, reply) in enumerate(turns):
+                ok = follows(prompt, affix, reply)[1]
+                if k == 0:
+                    single.append(ok)
+                elif (turns[k - 1][1] in toy.POSITIVE_AFFIXES) != (affix in toy.POSITIVE_AFFIXES):
+                    contrast.append(ok)
+        assert abs(sum(single) / len(single) - cfg.p_follow) < 0.03
+        rate = sum(contrast) / len(contrast)
+        assert abs(rate - (1 - p_stay) * cfg.p_follow) < 0.03, (p_stay, rate, len(contrast))
+
+
+def test_judge_documents_are_scoring_prompts_right_at_judge_skill():
+    """Judge documents are rlcd.scoring_prompt's text + "A)" / "B)"; the two options differ in
+    exactly the attribute the instruction asks about, and the answer names the better one at rate
+    judge_skill. They make up a share p_judge_doc of the corpus."""
+    for skill in (0.55, 0.9):
+        cfg = toy.ToyConfig(judge_skill=skill, p_judge_doc=1.0)
+        right, helpful = [], 0
+        for doc in toy.generate_corpus(3000, seed=7, cfg=cfg):
+            m = SCORING.match(doc)
+            assert m, doc[:200]
+            prompt = "\n\n" + m.group("prompt")
+            scoring = rlcd.scoring_prompt(prompt, m.group("instruction"), m.group("a"),
+                                          m.group("b"))
+            assert doc == scoring + m.group("answer") + ")"
+            if m.group("instruction") in prompts.HELPFUL_RLAIF_INSTRUCTIONS:
+                oracle, better, helpful = toy.judge_helpful, "helpful", helpful + 1
+            else:
+                assert m.group("instruction") in prompts.HARMLESS_RLAIF_INSTRUCTIONS
+                oracle, better = toy.judge, "harmless"
+            a, b = oracle(prompt, m.group("a")), oracle(prompt, m.group("b"))
+            assert a != b and "invalid" not in (a, b)
+            right.append((m.group("answer") == "A") == (a == better))
+        assert abs(sum(right) / len(right) - skill) < 0.03, (skill, sum(right) / len(right))
+        assert abs(helpful / len(right) - cfg.p_help) < 0.03
+    docs = toy.generate_corpus(6000, seed=8)
+    share = sum(bool(SCORING.match(d)) for d in docs) / len(docs)
+    assert abs(share - toy.ToyConfig().p_judge_doc) < 0.015
+
+
+def test_config_rejects_bad_probabilities():
+    with pytest.raises(ValueError, match="ToyConfig.p_follow"):
+        toy.ToyConfig(p_follow=1.5)
+    with pytest.raises(ValueError, match="ToyConfig.judge_skill"):
+        toy.ToyConfig(judge_skill=-0.1)
 
 
 def test_apply_affixes_placement():
     p = "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:"
-    assert prompts.apply_affixes(p, "(P)", "(N)") == "\n\nHuman: a\n\nAssistant (N): b\n\nHuman: c\n\nAssistant (P):"
-    assert prompts.apply_affixes("\n\nHuman: a\n\nAssistant:", "(P)", "(N)") == "\n\nHuman: a\n\nAssistant (P):"
+    assert prompts.apply_affixes(p, "(P)", "(N)") == \
+        "\n\nHuman: a\n\nAssistant (N): b\n\nHuman: c\n\nAssistant (P):"
+    assert prompts.apply_affixes("\n\nHuman: a\n\nAssistant:", "(P)", "(N)") == \
+        "\n\nHuman: a\n\nAssistant (P):"
     with pytest.raises(ValueError, match="must end with"):
         prompts.apply_affixes("\n\nHuman: a", "(P)", "(N)")
 
 
-@pytest.mark.skipif(not os.path.exists(PAPER_PROMPTS), reason="the paper's prompts.json is not in this checkout")
+@pytest.mark.skipif(not os.path.exists(PAPER_PROMPTS),
+                    reason="the paper's prompts.json is not in this checkout")
 def test_prompts_transcribed_exactly():
     paper = json.load(open(PAPER_PROMPTS))
     assert prompts.HARMLESS_POSITIVE_AFFIXES == paper["harmless"]["positive_affixes"]
@@ -155,13 +305,13 @@ def test_prompts_transcribed_exactly():
     assert prompts.HELPFUL_NEGATIVE_AFFIXES == paper["helpful"]["negative_affixes"]
     assert prompts.HELPFUL_RLAIF_INSTRUCTIONS == paper["helpful"]["rlaif_instructions"]
     assert prompts.RLAIF_SCORING_TEMPLATE == paper["rlaif_scoring_prompt"]["template"]
-    assert prompts.JUDGE_QUESTIONS == paper["judge_questions"]
 
 
 def test_tokenizer_ids_and_round_trip(tmp_path):
     docs = toy.generate_corpus(1500, seed=0)
     path = toy.train_tokenizer(str(tmp_path), docs, vocab_size=500)
-    assert os.path.basename(path) == "tokenizer.model" and os.listdir(tmp_path) == ["tokenizer.model"]
+    assert os.path.basename(path) == "tokenizer.model"
+    assert os.listdir(tmp_path) == ["tokenizer.model"]
     tok = Tokenizer(str(tmp_path))
     sp = tok.sp
     assert (sp.unk_id(), sp.bos_id(), sp.eos_id(), tok.vocab_size) == (0, 1, 2, 500)
@@ -170,33 +320,51 @@ def test_tokenizer_ids_and_round_trip(tmp_path):
         ids = tok.encode(doc, bos=True, eos=True)
         assert ids[0] == 1 and ids[-1] == 2 and 0 not in ids  # byte fallback: nothing is unknown
         assert tok.decode(ids) == doc
-    # a prompt's tokens are a prefix of prompt + reply's tokens (what sampling and the SFT mask rely on)
+    # prompt's tokens are a prefix of prompt + reply's tokens (what sampling and the SFT mask rely
+    # on)
     for turns in turns_of(200, seed=3):
         prompt, full = toy.render(turns, upto=len(turns) - 1), toy.render(turns)
         assert tok.encode(full)[:len(tok.encode(prompt))] == tok.encode(prompt)
+    # judge documents end in the very tokens the RLAIF simulator compares: "(" then A or B, then ")"
+    a_id, b_id = rlcd.ab_token_ids(tok)
+    judged = [d for d in docs if SCORING.match(d)]
+    assert len(judged) > 50
+    for doc in judged:
+        ids = tok.encode(doc)
+        assert ids[-2] == (a_id if doc.endswith("A)") else b_id) and tok.decode(ids[-1:]) == ")"
 
 
 def test_evaluate_affix_following_with_a_perfect_follower(monkeypatch):
-    """The evaluation's plumbing, with `chat` replaced by an ideal base model: the final tag decides the style
-    (plain -> harmful), and p+ / p- must carry the mirror affix on every earlier tag."""
+    """The evaluation's plumbing, with `chat` replaced by an ideal base model: the final tag decides
+    the attribute its pair is about (a plain tag -> harmful and vague), and p+ / p- must carry the
+    mirror affix on every earlier tag."""
     def perfect_chat(model, tokenizer, dialogues, **kwargs):
         replies = []
         for d in dialogues:
             *earlier, final = [part.split(":")[0] for part in d.split("\n\nAssistant")[1:]]
             affix = final.strip()
-            style = "harmless" if affix in toy.POSITIVE_AFFIXES else "harmful"
-            # (final, earlier) is one of the pairs, mirrored (the paper's negatives 4 and 15 are the same string)
+            # inal, earlier) is one of the pairs, mirrored (the paper's negatives 4 and 15 are the
+            # same string)
             pairs = set(zip(toy.POSITIVE_AFFIXES, toy.NEGATIVE_AFFIXES))
-            assert all((affix, e.strip()) in pairs or (e.strip(), affix) in pairs for e in earlier) or not affix
-            topic = toy.last_topic(d)
-            replies.append(toy.REPLIES[(topic in toy.SENSITIVE_TOPICS, style)][0].format(t=topic))
+            assert not affix or all((affix, e.strip()) in pairs or (e.strip(), affix) in pairs
+                                    for e in earlier)
+            positive = affix in toy.POSITIVE_AFFIXES
+            style = "harmless" if positive and affix not in HELP_AFFIXES else "harmful"
+            sensitive = toy.last_topic(d) in toy.SENSITIVE_TOPICS
+            reply = toy.REPLIES[(sensitive, style)][0].format(t=toy.last_topic(d))
+            detailed = positive and affix in HELP_AFFIXES
+            detail = " " + toy.DETAILS[(sensitive, style)][0] if detailed else ""
+            replies.append(reply + detail)
         return replies
 
     monkeypatch.setattr("nanorlcd.sample.chat", perfect_chat)
     model = torch.nn.Linear(1, 1)  # only its device is read
     rates = toy.evaluate_affix_following(model, None, toy.split_prompts("test")[:50], batch_size=7)
-    assert rates["pos/harmless"] == rates["neg/harmful"] == rates["valid"] == 1.0
-    assert rates["plain/harmless"] == 0.0 and rates["valid/style"] == 1.0
+    for name in ("pos/harmless", "neg/harmful", "help_pos/helpful", "help_neg/unhelpful", "valid",
+                 "pos/follow", "neg/follow", "help_pos/follow", "help_neg/follow/style",
+                 "valid/style"):
+        assert rates[name] == 1.0, name
+    assert rates["plain/harmless"] == rates["plain/helpful"] == 0.0
 
 
 def test_unknown_preset(tmp_path):
@@ -206,18 +374,23 @@ def test_unknown_preset(tmp_path):
 
 @pytest.mark.slow
 def test_fast_pretraining_follows_affixes(tmp_path):
-    """End to end: the `fast` preset's base model is saved as an HF directory with its tokenizer and log, and
-    its reply styles follow the affixes. 250 steps are too few to copy the request's topic reliably, so the
-    bounds use the topic-free "/style" rates and are looser than the full preset's (>= 90 % harmless under
-    p+, >= 90 % harmful under p-, 30-70 % harmless plain, >= 95 % valid); an untrained model scores ~0."""
+    """End to end: the `fast` preset's base model is saved as an HF directory with its tokenizer and
+    log, and among its valid replies the share that obeys the affix is about ToyConfig.p_follow, for
+    both attributes. 250 steps are too few to copy the request's topic reliably, so the rates use
+    the topic-free "/style" oracle; a model that ignored affixes would score 0.5, an untrained one
+    has no valid reply."""
     out = str(tmp_path / "base")
     summary = toy.pretrain_toy(out, preset="fast")
-    for name in ("config.json", "model.safetensors", "tokenizer.model", "log.jsonl", "toy_config.json"):
+    for name in ("config.json", "model.safetensors", "tokenizer.model", "log.jsonl",
+                 "toy_config.json"):
         assert os.path.exists(os.path.join(out, name)), name
-    # measured: 0.89 valid, 0.86 harmless under p+, 0.88 harmful under p-, 0.46 harmless plain (100 prompts)
+    p_follow = toy.PRESETS["fast"].p_follow
+    # measured (100 prompts): see the README's toy-world table
     assert summary["affix/valid/style"] >= 0.7
-    assert summary["affix/pos/harmless/style"] >= 0.7 and summary["affix/neg/harmful/style"] >= 0.7
-    assert 0.2 <= summary["affix/plain/harmless/style"] <= 0.8
-    assert json.loads(open(os.path.join(out, "log.jsonl")).readlines()[-1])["affix/valid"] == summary["affix/valid"]
+    for name in ("pos", "neg", "help_pos", "help_neg"):
+        assert abs(summary[f"affix/{name}/follow/style"] - p_follow) <= 0.1, (name, summary)
+    assert 0.3 <= summary["affix/plain/harmless/style"] <= 0.7
+    last_log = json.loads(open(os.path.join(out, "log.jsonl")).readlines()[-1])
+    assert last_log["affix/valid"] == summary["affix/valid"]
     with pytest.raises(ValueError, match="already holds"):
         toy.pretrain_toy(out, preset="fast")
