@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from tqdm import tqdm
 
-from nanorlcd import dist
+from nanorlcd import checkpoint, dist
 from nanorlcd.optim import autocast, lr_at, micro_steps, optimizer_step, set_lr
 from nanorlcd.rollout import (ActorCritic, Rollout, collect_rollouts, make_value_model, print_table,
                               response_logits, response_logprobs, response_values)
@@ -368,14 +368,17 @@ def rollout_stats(rollout, kl_coef):
 
 
 def save_checkpoint(path, ac, tokenizer, cfg):
-    """Rank 0 writes path/policy/ (HF LLaMA + tokenizer.model), path/value/ (PM layout),
-    ppo_config.json."""
+    """Rank 0 writes path/policy/ (HF LLaMA + tokenizer.model), path/value/ (PM layout) and
+    ppo_config.json into a fresh directory that replaces `path` as a whole (checkpoint.atomic_dir):
+    a killed save leaves the previous set. The log and the periodic step-XXXXX/ saves are kept."""
     if dist.is_main():
-        ac.policy.save_pretrained(os.path.join(path, "policy"))
-        tokenizer.save(os.path.join(path, "policy"))
-        ac.value.save_pretrained(os.path.join(path, "value"), tokenizer=tokenizer)
-        with open(os.path.join(path, "ppo_config.json"), "w") as f:
-            json.dump(asdict(cfg), f, indent=1)
+        keep = lambda name: name == "log.jsonl" or name.startswith("step-")       # noqa: E731
+        with checkpoint.atomic_dir(path, keep=keep) as tmp:
+            ac.policy.save_pretrained(os.path.join(tmp, "policy"))
+            tokenizer.save(os.path.join(tmp, "policy"))
+            ac.value.save_pretrained(os.path.join(tmp, "value"), tokenizer=tokenizer)
+            with open(os.path.join(tmp, "ppo_config.json"), "w") as f:
+                json.dump(asdict(cfg), f, indent=1)
     dist.barrier()
 
 

@@ -301,6 +301,25 @@ def test_ppo_step_trains_and_writes_checkpoints(tiny, tmp_path):
     assert lines[-1]["policy/epochs"] == 2
 
 
+def test_failed_save_keeps_the_previous_set(tiny, tmp_path, monkeypatch):
+    """policy/ and value/ switch as one set: a save that dies after writing policy/ leaves the previous
+    run's policy/ and value/ in place, and no temporary directory behind."""
+    tok, policy, pm = tiny
+    out = tmp_path / "run" / "ppo"
+    train_ppo(small_cfg(), copy.deepcopy(policy), None, pm, None, tok, PROMPTS, str(out))
+    before = {name: (out / name / "model.safetensors").read_bytes() for name in ("policy", "value")}
+
+    def broken_save(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(PreferenceModel, "save_pretrained", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        train_ppo(small_cfg(lr=1e-2), policy, None, pm, None, tok, PROMPTS, str(out))
+    for name, data in before.items():
+        assert (out / name / "model.safetensors").read_bytes() == data, name
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["ppo"]
+
+
 class CountingPM(torch.nn.Module):
     """A reward anyone can verify: the number of tokens with id < 160 in the reward text, / 8."""
 
