@@ -1,16 +1,18 @@
-"""LLaMA's tokenizers: sentencepiece `tokenizer.model` (LLaMA-1/2) and byte-level BPE `tokenizer.json` (LLaMA-3).
+"""LLaMA's tokenizers: sentencepiece tokenizer.model (LLaMA-1/2), byte-level BPE tokenizer.json (3).
 
 What: one `Tokenizer(path)` for every LLaMA-architecture Hugging Face directory. A directory with
-`tokenizer.model` uses sentencepiece; otherwise `tokenizer.json` (model type BPE with a ByteLevel pre-tokenizer
-and decoder: LLaMA-3/3.1/3.2, GPT-2-style models such as SmolLM2) is read here from scratch in pure Python, with
-the same ids as Hugging Face `tokenizers`. Both give BOS/EOS handling, batch encoding to a LEFT-padded tensor +
-attention mask, and decoding that skips special ids.
-Pad strategy: LLaMA checkpoints ship no pad token. Which id fills a pad slot never matters, because every consumer
-also receives the attention mask; what matters is that the pad is *not* EOS (Huang et al., "N implementation
-details of RLHF": a pad equal to EOS makes real EOS tokens look like padding). sentencepiece pads with unk (0).
-Simplified: of tokenizer.json only the byte-level BPE family is read (no normalizer, the LLaMA-3 and GPT-2 split
-regexes, Digits); anything else is refused at load time with the file and field named.
-Run: `python -c "from nanorlcd.tokenizer import Tokenizer; print(Tokenizer('out/toy/base').encode('hi'))"`.
+`tokenizer.model` uses sentencepiece; otherwise `tokenizer.json` (model type BPE with a ByteLevel
+pre-tokenizer and decoder: LLaMA-3/3.1/3.2, GPT-2-style models such as SmolLM2) is read here from
+scratch in pure Python, with the same ids as Hugging Face `tokenizers`. Both give BOS/EOS handling,
+batch encoding to a LEFT-padded tensor + attention mask, and decoding that skips special ids.
+Pad strategy: LLaMA checkpoints ship no pad token. Which id fills a pad slot never matters, because
+every consumer also receives the attention mask; what matters is that the pad is *not* EOS (Huang et
+al., "N implementation details of RLHF": a pad equal to EOS makes real EOS tokens look like
+padding). sentencepiece pads with unk (0).
+Simplified: of tokenizer.json only the byte-level BPE family is read (no normalizer, the LLaMA-3 and
+GPT-2 split regexes, Digits); anything else is refused at load time with the file and field named.
+Run: `python -c "import nanorlcd.tokenizer as t; print(t.Tokenizer('out/toy/base').encode('hi'))"`
+(any HF LLaMA directory works in place of out/toy/base)
 """
 import functools
 import itertools
@@ -36,8 +38,9 @@ class Tokenizer:
         if model_file.endswith(".json"):
             self.bpe = ByteLevelBPE(model_file)
             self.vocab_size = self.bpe.vocab_size
-            self.bos_id, self.eos_id, self.pad_id = _hf_special_ids(os.path.dirname(model_file), self.bpe)
-            # decode skips what HF's skip_special_tokens=True skips: the special added tokens (+ BOS/EOS)
+            ids = _hf_special_ids(os.path.dirname(model_file), self.bpe)
+            self.bos_id, self.eos_id, self.pad_id = ids
+            # decode skips what HF's skip_special_tokens=True skips: special added tokens, BOS, EOS
             self.special_ids = self.bpe.special_ids | {self.bos_id, self.eos_id}
         else:
             self.bpe = None
@@ -48,9 +51,9 @@ class Tokenizer:
             self.special_ids = {i for i in (self.bos_id, self.eos_id, self.pad_id) if i >= 0}
 
     def encode(self, text, bos=True, eos=False):
-        """Text -> ids. Neither backend emits BOS itself (HF's post-processor is not applied), so adding it here
-        once means never a double BOS from us; a BPE text that spells out a special token (e.g.
-        "<|begin_of_text|>") gets that token's id, as in HF."""
+        """Text -> ids. Neither backend emits BOS itself (HF's post-processor is not applied), so
+        adding it here once means never a double BOS from us; a BPE text that spells out a special
+        token (e.g. "<|begin_of_text|>") gets that token's id, as in HF."""
         ids = self.bpe.encode(text) if self.bpe else self.sp.encode(text)
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
@@ -62,14 +65,15 @@ class Tokenizer:
         return self.bpe.decode(ids) if self.bpe else self.sp.decode(ids)
 
     def encode_batch(self, texts, bos=True, eos=False):
-        """Texts -> (ids, mask), both (B, T) LongTensors, LEFT-padded so every row ends at the last column
-        (generation then appends to all rows at the same index)."""
+        """Texts -> (ids, mask), both (B, T) LongTensors, LEFT-padded so every row ends at the last
+        column (generation then appends to all rows at the same index)."""
         rows = [self.encode(t, bos=bos, eos=eos) for t in texts]
         return left_pad(rows, self.pad_id)
 
     def save(self, path):
-        """Copies the tokenizer files into an (HF) model directory: tokenizer.model, or tokenizer.json with the
-        tokenizer_config.json / special_tokens_map.json that sat beside it (they fix BOS/EOS/pad)."""
+        """Copies the tokenizer files into an (HF) model directory: tokenizer.model, or
+        tokenizer.json with the tokenizer_config.json / special_tokens_map.json that sat beside it
+        (they fix BOS/EOS/pad)."""
         os.makedirs(path, exist_ok=True)
         if self.bpe is None:
             copies = [(self.model_file, "tokenizer.model")]
@@ -85,7 +89,7 @@ class Tokenizer:
 
 
 def left_pad(rows, pad_id):
-    """list of id lists -> (ids, mask): (B, T) LongTensors with pads on the left and mask 0 on them."""
+    """list of id lists -> (ids, mask): (B, T) LongTensors, pads on the left with mask 0."""
     T = max(len(r) for r in rows)
     ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), T), dtype=torch.long)
@@ -97,37 +101,40 @@ def left_pad(rows, pad_id):
 
 
 def _find_tokenizer_file(path):
-    """A file is used as given; a directory gives its tokenizer.model (LLaMA-1/2) or else tokenizer.json."""
+    """A file is used as given; a directory gives tokenizer.model (LLaMA-1/2) or tokenizer.json."""
     if os.path.isdir(path):
         for name in ("tokenizer.model", "tokenizer.json"):
             if os.path.isfile(os.path.join(path, name)):
                 return os.path.join(path, name)
-        raise FileNotFoundError(f"{path}: neither tokenizer.model (sentencepiece) nor tokenizer.json "
-                                f"(Hugging Face byte-level BPE) found")
+        raise FileNotFoundError(f"{path}: neither tokenizer.model (sentencepiece) nor "
+                                f"tokenizer.json (Hugging Face byte-level BPE) found")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: tokenizer.model not found (expected a sentencepiece model "
-                                f"or a tokenizer.json)")
+        raise FileNotFoundError(f"{path}: tokenizer.model not found (expected a sentencepiece "
+                                f"model or a tokenizer.json)")
     return path
 
 
 def _load_sentencepiece(model_file):
-    """sentencepiece's own parse error is a multi-line C++ message without a hint; give one line instead."""
+    """sentencepiece's own parse error is a multi-line C++ message without a hint: give one line."""
     try:
         return spm.SentencePieceProcessor(model_file=model_file)
     except (RuntimeError, OSError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{model_file}: not a sentencepiece model ({reason}); expected LLaMA-1/2's "
-                         f"tokenizer.model (LLaMA-3's tiktoken file is not read: use tokenizer.json)") from None
+        raise ValueError(f"{model_file}: not a sentencepiece model ({reason}); expected "
+                         f"LLaMA-1/2's tokenizer.model (LLaMA-3's tiktoken file is not read: use "
+                         f"tokenizer.json)") from None
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Byte-level BPE (GPT-2, LLaMA-3): text -> split into pre-tokens by a regex -> UTF-8 bytes -> one printable
-# character per byte -> rank-ordered merges -> ids. Decoding maps characters back to bytes.
+# --------------------------------------------------------------------------------------------------
+# Byte-level BPE (GPT-2, LLaMA-3): text -> split into pre-tokens by a regex -> UTF-8 bytes -> one
+# printable character per byte -> rank-ordered merges -> ids. Decoding maps characters back to
+# bytes.
 
 def bytes_to_unicode():
-    """GPT-2's byte -> character table: printable Latin-1 bytes map to themselves, the other 68 bytes (controls,
-    space, ...) to U+0100 onwards, so every token is a printable string and a space shows as 'Ġ'."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    """GPT-2's byte -> character table: printable Latin-1 bytes map to themselves, the other 68
+    bytes (controls, space, ...) to U+0100 onwards, so every token is a printable string and a space
+    shows as 'Ġ'."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
     moved = [b for b in range(256) if b not in keep]
     table = {b: chr(b) for b in keep}
     table.update({b: chr(256 + n) for n, b in enumerate(moved)})
@@ -138,8 +145,8 @@ BYTE_TO_CHAR = bytes_to_unicode()
 CHAR_TO_BYTE = {c: b for b, c in BYTE_TO_CHAR.items()}
 
 # The split regexes of the two families, exactly as tokenizer.json spells them (Rust `onig` syntax).
-LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 # onig's \s is Unicode White_Space; Python's \s is str.isspace(), which also takes U+001C..U+001F
 WHITE_SPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
@@ -147,24 +154,26 @@ WHITE_SPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205
 
 @functools.lru_cache(maxsize=None)
 def unicode_classes():
-    """Bodies of regex character classes for \\p{L} (general categories Lu Ll Lt Lm Lo) and \\p{N} (Nd Nl No).
-    Python's `re` has no \\p{..}, so we scan all 0x110000 code points once with unicodedata.category, group
-    equal first letters into runs and write the L and N runs as ranges of \\U escapes. Exact for Python's Unicode
-    database (14.0 in Python 3.11); characters assigned only in later Unicode versions may differ from the onig
-    tables inside `tokenizers`."""
+    """Bodies of regex character classes for \\p{L} (general categories Lu Ll Lt Lm Lo) and \\p{N}
+    (Nd Nl No). Python's `re` has no \\p{..}, so we scan all 0x110000 code points once with
+    unicodedata.category, group equal first letters into runs and write the L and N runs as ranges
+    of \\U escapes. Exact for Python's Unicode database (14.0 in Python 3.11); characters assigned
+    only in later Unicode versions may differ from the onig tables inside `tokenizers`."""
     runs, start = {"L": [], "N": []}, 0
     firsts = (unicodedata.category(chr(cp))[0] for cp in range(sys.maxunicode + 1))
     for first, group in itertools.groupby(firsts):
         end = start + sum(1 for _ in group)                    # this run is [start, end)
         if first in runs:
-            runs[first].append(f"\\U{start:08x}" + (f"-\\U{end - 1:08x}" if end - 1 > start else ""))
+            last = f"-\\U{end - 1:08x}" if end - 1 > start else ""
+            runs[first].append(f"\\U{start:08x}{last}")
         start = end
     return {k: "".join(v) for k, v in runs.items()}
 
 
 @functools.lru_cache(maxsize=None)
 def compile_onig(pattern):
-    """Translate \\p{L}, \\p{N}, \\s, \\S into explicit classes (inside [...] only their bodies) and compile."""
+    """Compile an onig pattern with Python's `re`: \\p{L}, \\p{N}, \\s, \\S become explicit classes
+    (inside [...] only their bodies)."""
     out, i, in_class = [], 0, False
     classes = unicode_classes()
     bodies = {r"\p{L}": classes["L"], r"\p{N}": classes["N"], r"\s": WHITE_SPACE}
@@ -188,7 +197,7 @@ def compile_onig(pattern):
 
 
 def split_isolated(regex, pieces):
-    """HF's Split(behavior="Isolated"): every match becomes a piece, and so does any text between matches."""
+    """HF's Split(behavior="Isolated"): every match is a piece, and so is any text between two."""
     out = []
     for piece in pieces:
         pos = 0
@@ -204,9 +213,10 @@ def split_isolated(regex, pieces):
 
 
 class ByteLevelBPE:
-    """A Hugging Face tokenizer.json with a BPE model and byte-level pre-tokenizer/decoder, encoded exactly as
-    `tokenizers` does: added tokens are cut out first, the rest goes through the pre-tokenizer chain, and each
-    pre-token through BPE (the lowest-ranked adjacent pair merges first, leftmost on ties)."""
+    """A Hugging Face tokenizer.json with a BPE model and byte-level pre-tokenizer/decoder, encoded
+    exactly as `tokenizers` does: added tokens are cut out first, the rest goes through the
+    pre-tokenizer chain, and each pre-token through BPE (the lowest-ranked adjacent pair merges
+    first, leftmost on ties)."""
 
     def __init__(self, file):
         self.file = file
@@ -217,21 +227,22 @@ class ByteLevelBPE:
         for key, ok in (("dropout", (None, 0, 0.0)), ("continuing_subword_prefix", (None, "")),
                         ("end_of_word_suffix", (None, "")), ("byte_fallback", (None, False))):
             if model.get(key) not in ok:
-                self._fail(f"model.{key}", f"is {model.get(key)!r}; byte-level BPE expects {ok[0]!r}")
+                self._fail(f"model.{key}", f"is {model.get(key)!r}; expected {ok[0]!r}")
         if data.get("normalizer") is not None:
-            self._fail("normalizer", f"is {data['normalizer'].get('type')!r}; byte-level BPE expects null")
-        # 1. vocabulary and added tokens (LLaMA-3's specials sit above the BPE vocab, GPT-2's inside it)
+            self._fail("normalizer", f"is {data['normalizer']!r:.60}; byte-level BPE expects null")
+        # 1. vocabulary and added tokens (LLaMA-3's specials sit above the BPE vocab, GPT-2's in it)
         self.vocab = self._field(model, "vocab", dict, "model.vocab")
         if not all(isinstance(i, int) and i >= 0 for i in self.vocab.values()):
             self._fail("model.vocab", "must map token strings to non-negative ints")
         missing = [c for c in BYTE_TO_CHAR.values() if c not in self.vocab]
         if missing:
-            self._fail("model.vocab", f"lacks {len(missing)} of the 256 byte symbols (e.g. {missing[0]!r})")
+            self._fail("model.vocab", f"lacks {len(missing)} of the 256 byte symbols "
+                                      f"(e.g. {missing[0]!r})")
         added = self._field(data, "added_tokens", list, default=[])
         for k, t in enumerate(added):
-            if not (isinstance(t, dict) and isinstance(t.get("id"), int) and isinstance(t.get("content"), str)
-                    and t["content"]):
-                self._fail(f"added_tokens[{k}]", "must be an object with an int id and a non-empty content")
+            if not (isinstance(t, dict) and isinstance(t.get("id"), int)
+                    and isinstance(t.get("content"), str) and t["content"]):
+                self._fail(f"added_tokens[{k}]", "must be an object with an int id and a content")
             if t.get("single_word"):
                 self._fail(f"added_tokens[{k}].single_word", "is true; not supported")
         self.added = {t["content"]: t["id"] for t in added}
@@ -240,34 +251,37 @@ class ByteLevelBPE:
         # 2. merges, in rank order: "a b" strings (older files) or [a, b] lists (newer files)
         self.ranks = {}
         for rank, m in enumerate(self._field(model, "merges", list, "model.merges")):
-            pair = tuple(m.split(" ")) if isinstance(m, str) else tuple(m) if isinstance(m, list) else ()
+            pair = tuple(m.split(" ") if isinstance(m, str) else m if isinstance(m, list) else ())
             if len(pair) != 2 or not all(isinstance(s, str) for s in pair):
                 self._fail(f"model.merges[{rank}]", f"is {m!r}; expected 'a b' or ['a', 'b']")
             if any(s not in self.vocab for s in pair + (pair[0] + pair[1],)):
-                self._fail(f"model.merges[{rank}]", f"{m!r} has a part or a result outside model.vocab")
+                self._fail(f"model.merges[{rank}]", f"{m!r}: a part or the result is not a token")
             self.ranks.setdefault(pair, rank)
-        # LLaMA-3 sets ignore_merges: a pre-token that is itself in the vocab is one token, whatever merges say
+        # LLaMA-3 sets ignore_merges: a pre-token that is itself in the vocab is one token, whatever
+        # the merges say
         self.ignore_merges = bool(model.get("ignore_merges", False))
         self.pre_steps = self._pre_tokenizer(data.get("pre_tokenizer"))
         decoder = data.get("decoder") or {}
         if decoder.get("type") != "ByteLevel":
             self._fail("decoder.type", f"is {decoder.get('type')!r}; expected ByteLevel")
-        # 3. added tokens are matched first, longest first at a position (leftmost-longest, as HF does);
-        #    lstrip/rstrip ones also swallow the whitespace on that side; group k holds the k-th content
+        # 3. added tokens are matched first, longest first at a position (leftmost-longest, as HF
+        #    does); lstrip/rstrip ones also swallow the whitespace on that side; group k holds the
+        #    k-th content
         ws = f"[{WHITE_SPACE}]*"
         added = sorted(added, key=lambda t: -len(t["content"]))
         self.added_order = [t["id"] for t in added]
-        alts = [(ws if t.get("lstrip") else "") + f"({re.escape(t['content'])})" + (ws if t.get("rstrip") else "")
-                for t in added]
+        alts = [(ws if t.get("lstrip") else "") + f"({re.escape(t['content'])})"
+                + (ws if t.get("rstrip") else "") for t in added]
         self.added_regex = re.compile("|".join(alts)) if alts else None
-        # 4. id -> bytes for decoding: a token whose characters are all byte symbols is those bytes; an added
-        #    token with other characters (e.g. a real space) is its own UTF-8, as HF's ByteLevel decoder does
+        # 4. id -> bytes for decoding: a token whose characters are all byte symbols is those bytes;
+        #    an added token with other characters (e.g. a real space) is its own UTF-8, as HF's
+        #    ByteLevel decoder does
         id_to_token = {i: s for s, i in self.vocab.items()}
         id_to_token.update({t["id"]: t["content"] for t in added})
         self.id_bytes = [b""] * self.vocab_size
         for i, s in id_to_token.items():
-            self.id_bytes[i] = (bytes(CHAR_TO_BYTE[c] for c in s) if all(c in CHAR_TO_BYTE for c in s)
-                                else s.encode("utf-8"))
+            byte_symbols = all(c in CHAR_TO_BYTE for c in s)
+            self.id_bytes[i] = bytes(CHAR_TO_BYTE[c] for c in s) if byte_symbols else s.encode()
         self.cache = {}
 
     def _fail(self, field, what):
@@ -280,20 +294,23 @@ class ByteLevelBPE:
         return value
 
     def _pre_tokenizer(self, pre):
-        """The pre-tokenizer chain as a list of functions list-of-pieces -> list-of-pieces. Known: Split with
-        the LLaMA-3 or GPT-2 regex, Digits, and a final ByteLevel (whose use_regex means the GPT-2 regex)."""
+        """The pre-tokenizer chain as a list of functions list-of-pieces -> list-of-pieces. Known:
+        Split with the LLaMA-3 or GPT-2 regex, Digits, and a final ByteLevel (whose use_regex means
+        the GPT-2 regex)."""
         known = {LLAMA3_PATTERN: "LLaMA-3", GPT2_PATTERN: "GPT-2"}
-        steps = pre.get("pretokenizers") if isinstance(pre, dict) and pre.get("type") == "Sequence" else [pre]
+        sequence = isinstance(pre, dict) and pre.get("type") == "Sequence"
+        steps = pre.get("pretokenizers") if sequence else [pre]
         funcs = []
         for k, step in enumerate(steps or []):
-            name = f"pre_tokenizer.pretokenizers[{k}]" if len(steps) > 1 or pre is not step else "pre_tokenizer"
+            name = f"pre_tokenizer.pretokenizers[{k}]" if sequence else "pre_tokenizer"
             kind = step.get("type") if isinstance(step, dict) else None
             if funcs and funcs[-1] is None:
                 self._fail(name, "comes after ByteLevel; ByteLevel must be the last step")
             if kind == "Split":
                 pattern = (step.get("pattern") or {}).get("Regex")
                 if pattern not in known:
-                    self._fail(f"{name}.pattern.Regex", f"is {pattern!r}; known: the LLaMA-3 and GPT-2 regexes")
+                    self._fail(f"{name}.pattern.Regex",
+                               f"is {pattern!r}; known: the LLaMA-3 and GPT-2 regexes")
                 if step.get("behavior") != "Isolated" or step.get("invert"):
                     self._fail(f"{name}.behavior", "must be Isolated with invert false")
                 funcs.append(functools.partial(split_isolated, compile_onig(pattern)))
@@ -309,11 +326,11 @@ class ByteLevelBPE:
             else:
                 self._fail(f"{name}.type", f"is {kind!r}; expected Split, Digits or ByteLevel")
         if not funcs or funcs[-1] is not None:
-            self._fail("pre_tokenizer", "has no ByteLevel step; expected a byte-level BPE tokenizer")
+            self._fail("pre_tokenizer", "has no final ByteLevel step; expected byte-level BPE")
         return funcs[:-1]
 
     def encode(self, text):
-        """Text -> ids (no BOS/EOS): added tokens cut out first, then pre-tokens through the cached BPE."""
+        """Text -> ids (no BOS/EOS): added tokens cut out first, the rest through the cached BPE."""
         ids, pos = [], 0
         for m in (self.added_regex.finditer(text) if self.added_regex else ()):
             ids += self._encode_plain(text[pos:m.start()])
@@ -329,15 +346,16 @@ class ByteLevelBPE:
         for piece in pieces:
             cached = self.cache.get(piece)
             if cached is None:
-                cached = self.cache[piece] = self._bpe("".join(BYTE_TO_CHAR[b] for b in piece.encode("utf-8")))
+                symbols = "".join(BYTE_TO_CHAR[b] for b in piece.encode("utf-8"))
+                cached = self.cache[piece] = self._bpe(symbols)
                 if len(self.cache) > 100_000:   # bound memory on endless streams of new text
                     self.cache = {piece: cached}
             ids += cached
         return ids
 
     def _bpe(self, word):
-        """One pre-token (byte symbols) -> ids: repeatedly merge the adjacent pair of lowest rank (leftmost on
-        ties), the order of HF's merge queue, until no adjacent pair has a merge."""
+        """One pre-token (byte symbols) -> ids: repeatedly merge the adjacent pair of lowest rank
+        (leftmost on ties), the order of HF's merge queue, until no adjacent pair has a merge."""
         if self.ignore_merges and word in self.vocab:
             return [self.vocab[word]]
         symbols = list(word)
@@ -350,14 +368,15 @@ class ByteLevelBPE:
         return [self.vocab[s] for s in symbols]
 
     def decode(self, ids):
-        """Ids -> text. Bytes that are not valid UTF-8 (e.g. half of a 4-byte emoji) become U+FFFD, as HF's
-        from_utf8_lossy does; ids outside the vocabulary are skipped, as HF does."""
+        """Ids -> text. Bytes that are not valid UTF-8 (e.g. half of a 4-byte emoji) become U+FFFD,
+        as HF's from_utf8_lossy does; ids outside the vocabulary are skipped, as HF does."""
         n = self.vocab_size
-        return b"".join(self.id_bytes[i] for i in ids if 0 <= i < n).decode("utf-8", errors="replace")
+        data = b"".join(self.id_bytes[i] for i in ids if 0 <= i < n)
+        return data.decode("utf-8", errors="replace")
 
 
 def _read_json(file, what):
-    """A JSON file -> dict, or a one-line error naming the file (a truncated file fails here, at load)."""
+    """A JSON file -> dict, or a one-line error naming the file (a truncated file fails here)."""
     try:
         with open(file, "rb") as f:
             data = json.loads(f.read().decode("utf-8"))
@@ -372,13 +391,15 @@ def _read_json(file, what):
 
 
 def _hf_special_ids(directory, bpe):
-    """(bos, eos, pad) ids the way Hugging Face resolves them: the tokenizer's bos_token/eos_token/pad_token
-    from special_tokens_map.json (which transformers lets override) or tokenizer_config.json; failing those,
-    the model's *_token_id from generation_config.json, then config.json (a list of EOS ids, as in LLaMA-3.1
-    instruct, gives its first). A missing pad, or one equal to EOS, becomes the first special added token that
-    is neither BOS nor EOS (it never occurs in text), else id 0: never EOS (see the module docstring)."""
-    files = [os.path.join(directory, n) for n in ("special_tokens_map.json", "tokenizer_config.json",
-                                                  "generation_config.json", "config.json")]
+    """(bos, eos, pad) ids the way Hugging Face resolves them: the tokenizer's
+    bos_token/eos_token/pad_token from special_tokens_map.json (which transformers lets override) or
+    tokenizer_config.json; failing those, the model's *_token_id from generation_config.json, then
+    config.json (a list of EOS ids, as in LLaMA-3.1 instruct, gives its first). A missing pad, or
+    one equal to EOS, becomes the first special added token that is neither BOS nor EOS (it never
+    occurs in text), else id 0: never EOS (see the module docstring)."""
+    names = ("special_tokens_map.json", "tokenizer_config.json", "generation_config.json",
+             "config.json")
+    files = [os.path.join(directory, n) for n in names]
     found = [(f, _read_json(f, "a JSON object")) if os.path.isfile(f) else (f, {}) for f in files]
 
     def resolve(kind):
@@ -386,14 +407,14 @@ def _hf_special_ids(directory, bpe):
             token = data.get(f"{kind}_token")
             token = token.get("content") if isinstance(token, dict) else token
             if token is not None:
-                if not isinstance(token, str) or (token not in bpe.added and token not in bpe.vocab):
+                if not isinstance(token, str) or not (token in bpe.added or token in bpe.vocab):
                     raise ValueError(f"{f}: {kind}_token {token!r} is not a token of {bpe.file}")
                 return bpe.added.get(token, bpe.vocab.get(token))
         for f, data in found[2:]:
             value = data.get(f"{kind}_token_id")
             value = value[0] if isinstance(value, list) and value else value
             if value is not None:
-                if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < bpe.vocab_size:
+                if type(value) is not int or not 0 <= value < bpe.vocab_size:
                     raise ValueError(f"{f}: {kind}_token_id is {value!r}; expected an id in "
                                      f"[0, {bpe.vocab_size})")
                 return value
@@ -403,8 +424,8 @@ def _hf_special_ids(directory, bpe):
     for kind, value in (("bos", bos), ("eos", eos)):
         if value is None:
             raise ValueError(f"{directory}: no {kind}_token in special_tokens_map.json or "
-                             f"tokenizer_config.json, and no {kind}_token_id in generation_config.json or "
-                             f"config.json")
+                             f"tokenizer_config.json, and no {kind}_token_id in "
+                             f"generation_config.json or config.json")
     if pad is None or pad == eos:
         spare = sorted(bpe.special_ids - {bos, eos})
         pad = spare[0] if spare else 0 if eos != 0 else 1

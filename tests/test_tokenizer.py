@@ -99,11 +99,11 @@ def test_missing_file(tmp_path):
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "tiktoken"])
 def test_damaged_model_file(tiny_tokenizer_path, tmp_path, damage):
-    """A damaged tokenizer.model fails at construction with one line naming the file (not sentencepiece's
-    multi-line C++ error at first use); "tiktoken" is LLaMA-3's original/tokenizer.model format."""
+    """A damaged tokenizer.model fails at construction with one line naming the file (not
+    sentencepiece's multi-line C++ error); "tiktoken" is LLaMA-3's original/tokenizer.model."""
     good = open(tiny_tokenizer_path, "rb").read()
-    content = {"garbage": b"\x89PNG\r\n" + bytes(range(256)) * 4, "truncated": good[: len(good) // 2],
-               "empty": b"", "tiktoken": b"IQ== 0\nIg== 1\nIw== 2\n"}[damage]
+    content = {"garbage": b"\x89PNG\r\n" + bytes(range(256)) * 4,
+               "truncated": good[:len(good) // 2], "empty": b"", "tiktoken": b"IQ== 0\nIg== 1\nIw== 2\n"}[damage]
     path = tmp_path / "tokenizer.model"
     path.write_bytes(content)
     with pytest.raises(ValueError, match="not a sentencepiece model") as e:
