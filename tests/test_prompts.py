@@ -1,8 +1,10 @@
-"""prompts.py against the reference's own strings, kept in tests/reference/rlcd_prompts.json (always runs).
+"""prompts.py against the reference's own strings, kept in tests/reference/rlcd_prompts.json
+(inside the repository, so this always runs).
 
-The JSON was transcribed from facebookresearch/RLCD (commit and paths in its "_source"): the affixes and RLAIF
-instructions of simulate_preference_data.py, its RLAIF label prompt, and the pairwise judge of gpt4_compare.py
-(system message, framing, reply prefixes, per-task questions) with `format_prompt`'s output on a few inputs.
+The JSON was transcribed from facebookresearch/RLCD (commit and paths in its "_source"): the
+affixes and RLAIF instructions of simulate_preference_data.py, its RLAIF label prompt, and the
+pairwise judge of gpt4_compare.py (system message, framing, reply prefixes, per-task questions)
+with the output of its `format_prompt` on a few inputs.
 """
 import json
 import os
@@ -43,15 +45,18 @@ def test_judge_strings_match_the_reference(ref):
     judge = ref["judge"]
     assert prompts.JUDGE_SYSTEM_MESSAGE == judge["system_message"]
     assert prompts.JUDGE_REPLY_PREFIXES == judge["reply_prefix"]
-    # the reference writes each question after a "\n\n\n\n" separator; our template holds the separator
-    assert {t: "\n\n\n\n" + q for t, q in prompts.JUDGE_QUESTIONS.items()} == judge["questions"]
+    # the reference writes each question after a "\n\n\n\n" separator; our template holds it
+    questions = {t: "\n\n\n\n" + q for t, q in prompts.JUDGE_QUESTIONS.items()}
+    assert questions == judge["questions"]
     # the template = the reference's pieces around the four fields, in order
-    assert prompts.JUDGE_TEMPLATE == (judge["conversation_header"] + "{conversation}" + judge["responses_header"]
-                                      + "{reply_a}" + judge["option_b"] + "{reply_b}" + "\n\n\n\n{question}")
+    assert prompts.JUDGE_TEMPLATE == (
+        judge["conversation_header"] + "{conversation}" + judge["responses_header"] + "{reply_a}"
+        + judge["option_b"] + "{reply_b}" + "\n\n\n\n{question}")
 
 
 def test_judge_prompt_reproduces_reference_format_prompt(ref):
-    """Outputs of the reference's format_prompt (blank-line collapse, tag repair, cut at the last Assistant:)."""
+    """Outputs of the reference's format_prompt (blank lines collapsed, turn tags repaired, cut at
+    the last Assistant:)."""
     assert len(ref["judge_examples"]) == 3
     for ex in ref["judge_examples"]:
         got = prompts.judge_prompt(ex["instruction"], ex["output1"], ex["output2"], ex["task"])
@@ -59,10 +64,12 @@ def test_judge_prompt_reproduces_reference_format_prompt(ref):
 
 
 def test_judge_prompt_outline_and_bad_input():
-    text = prompts.judge_prompt("\n\nHuman: Write an outline.\n\nAssistant:", "Intro.\n\n\n2. End.", "x", "outline")
-    assert text.startswith("Consider a conversation between a human and an assistant, beginning as follows:"
-                           "\n\n\n\nHuman: Write an outline.\n\n\n\n")
-    assert "(A) Assistant: Here is a possible outline:\n1. Intro.\n2. End.\n\n(B) Assistant: Here is" in text
+    text = prompts.judge_prompt("\n\nHuman: Write an outline.\n\nAssistant:", "Intro.\n\n\n2. End.",
+                                "x", "outline")
+    assert text.startswith("Consider a conversation between a human and an assistant, beginning as "
+                           "follows:\n\n\n\nHuman: Write an outline.\n\n\n\n")
+    assert ("(A) Assistant: Here is a possible outline:\n1. Intro.\n2. End.\n\n"
+            "(B) Assistant: Here is") in text
     assert text.endswith("more interesting. Please answer (A) or (B).")
     with pytest.raises(ValueError, match="expected one of"):
         prompts.judge_prompt("\n\nHuman: a\n\nAssistant:", "x", "y", "harmlessness")
