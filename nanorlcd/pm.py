@@ -1,21 +1,17 @@
-"""The preference model (PM): a LLaMA backbone with a scalar head, trained on simulated preference pairs.
+"""The preference model (PM): a LLaMA backbone with a scalar head, trained on simulated pairs.
 
-Implements RLCD's step 2 (paper Sec. 3; PAPER.md "Settings"; AlpacaFarm's reward model as RLCD ran it):
-  - `PreferenceModel`: the backbone of model.py plus `score`, a bias-free Linear(D, 1) read at the last real token
-    of each sequence, saved in Hugging Face's `LlamaForSequenceClassification` layout (`score.weight`,
-    num_labels 1), so other tools load it too;
-  - the reward text prompt + " " + response + "\\n\\nHuman:" (`reward_inputs`), shared with ppo.py's scoring;
-  - the Bradley-Terry loss -log σ(r_chosen − r_rejected), and with a soft label p = label_prob (RLAIF,
-    RLCD-Rescore) the cross-entropy −[p log σ(Δ) + (1 − p) log σ(−Δ)];
-  - `train_pm`: AdamW, warmup + cosine, grad clipping and accumulation, one epoch, a held-out split, DDP;
-  - evaluation: accuracy on held-out pairs, agreement with human labels on HH-RLHF (paper Table 5: accuracy and
-    mean σ(r_chosen − r_rejected)), and in the toy world accuracy against the oracle.
-Simplified: no resumable optimizer state (a run restarts from the base), no FSDP; a global batch that does not
-fill up at the end of an epoch is dropped; the held-out split is the *last* eval_frac of the prefs file.
-Run: `python train.py --stage pm --method rlcd`; in code `train_pm(PMConfig(), "out/toy/base",
-"out/toy/prefs-rlcd.jsonl", "out/toy/pm-rlcd")`; 2 processes: `torchrun --nproc_per_node=2 train.py --stage pm`.
+What (RLCD's step 2, paper Sec. 3; AlpacaFarm's reward model, as the RLCD reference runs it):
+`PreferenceModel`, model.py's backbone plus a bias-free head `score` read at the last real token,
+saved in Hugging Face's LlamaForSequenceClassification layout; the reward text prompt + " " +
+response + "\\n\\nHuman:" (dialogue.reward_text); the Bradley-Terry loss -log σ(r_chosen − r_rejected),
+with a soft label p (RLAIF, RLCD-Rescore) −[p log σ(Δ) + (1 − p) log σ(−Δ)]; `train_pm` (AdamW, 3 %
+warmup, cosine to 0, one epoch, 16 pairs a step, as the reference); evaluation: held-out accuracy,
+agreement with HH-RLHF's human labels (paper Table 5, `human_agreement`), the toy oracle's accuracy.
+Simplified: no FSDP; a global batch that does not fill up at an epoch's end is dropped; the held-out
+split is the last eval_frac of the prefs file.
+Run: `python train.py --stage pm --method rlcd [--hh-eval FILE]` (or under `torchrun`); in code
+`train_pm(PMConfig(), base_dir, prefs_path, out_dir)`.
 """
-import contextlib
 import json
 import math
 import os
@@ -28,11 +24,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from nanorlcd import dist
-from nanorlcd.data import _parse_lines, load_hh_pairs
-from nanorlcd.model import Transformer, init_weights, load_config, load_weights, read_config_json, save_weights
-from nanorlcd.sample import HUMAN_TURN
-from nanorlcd.sft import get_lr
+from nanorlcd import checkpoint, dist
+from nanorlcd.data import _parse_lines, cut_dialogue
+from nanorlcd.dialogue import reward_text
+from nanorlcd.model import (Transformer, init_weights, load_config, load_weights, read_config_json,
+                            save_weights)
+from nanorlcd.optim import autocast, lr_at, micro_steps, optimizer_step, set_lr
+from nanorlcd.sft import stop_if_not_finite
 from nanorlcd.tokenizer import Tokenizer, left_pad
 
 
@@ -109,10 +107,7 @@ def init_score_(score):
 
 # ----------------------------------------------------------------------------- reward inputs and the loss
 
-def reward_text(prompt, response):
-    """What the PM reads: the reference appends the next human turn, so the score sits on a fixed 'end' token."""
-    return prompt + " " + response + HUMAN_TURN
-
+# reward_text(prompt, response): dialogue.reward_text, imported above and re-exported from here
 
 def reward_inputs(tokenizer, prompts, responses, max_len=512):
     """Tokenize the reward texts of (prompt, response) rows -> (ids, mask, n_truncated), (B, T) left-padded.
@@ -148,83 +143,107 @@ def preference_loss(r_chosen, r_rejected, label_prob=None):
 
 
 def _parse_pref(line):
-    """One prefs JSONL line -> (record, None) or (None, reason). Only what the PM reads is checked."""
-    try:
-        rec = json.loads(line)
-    except json.JSONDecodeError:
-        return None, "not JSON"
-    if not isinstance(rec, dict) or not all(isinstance(rec.get(k), str) for k in ("prompt", "chosen", "rejected")):
-        return None, "no 'prompt'/'chosen'/'rejected' strings"
-    # label_prob: the probability that `chosen` is better; null (or absent) means a hard label, 1.0
-    p = rec.get("label_prob")
-    p = 1.0 if p is None else p
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
-        return None, "label_prob is not a number in [0, 1]"
-    return {**rec, "label_prob": float(p)}, None
+    """One prefs JSONL line -> (record, None) or (None, reason): data.parse_pref, the one parser."""
+    from nanorlcd.data import parse_pref
+    return parse_pref(line)
 
 
 def read_prefs(path, skip_bad=False):
-    """Preference records for PM training -> (records, summary). A malformed line or missing field is a ValueError
-    naming the file and the first bad line, unless skip_bad, which skips and counts them in the summary."""
-    records, summary = _parse_lines(path, _parse_pref)
-    if summary["bad"] and not skip_bad:
-        raise ValueError(f"{path}:{summary['first_bad_line']}: bad preference record ({summary['bad']} bad lines: "
-                         f"{summary['reasons']}); expected JSON with 'prompt', 'chosen', 'rejected' strings and "
-                         "'label_prob' in [0, 1] or null (pass skip_bad / --skip-bad to skip them)")
-    return records, summary
+    """Preference records for PM training -> (records, summary): data.read_prefs, the one reader of a
+    preference file (a bad line is a ValueError naming file and line, unless skip_bad skips and
+    counts it)."""
+    from nanorlcd.data import read_prefs as read
+    return read(path, skip_bad=skip_bad)
 
 
 # ----------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
 def _pair_stats(pm, tokenizer, pairs, max_len, batch_size):
-    """Sums over pairs [n, correct, σ(Δ), loss, truncated] (float64), Δ = r_chosen − r_rejected. A pair is correct
-    when the PM agrees with the label's direction (chosen wins if label_prob >= 0.5)."""
+    """Sums over pairs [n, correct, σ(Δ), loss, truncated] (float64), Δ = r_chosen − r_rejected. A
+    pair is correct when the PM agrees with the label's direction (chosen wins if label_prob >= 0.5).
+    A pair may give the rejected reply its own prompt (`rejected_prompt`; HH-RLHF lines)."""
     was_training, device = pm.training, next(pm.parameters()).device
     pm.eval()
     stats = torch.zeros(5, dtype=torch.float64)
     for i in range(0, len(pairs), batch_size):
         batch = pairs[i:i + batch_size]
         # chosen and rejected in one forward: rows [0, n) chosen, [n, 2n) rejected
-        ids, mask, n_cut = reward_inputs(tokenizer, [b["prompt"] for b in batch] * 2,
-                                         [b["chosen"] for b in batch] + [b["rejected"] for b in batch], max_len)
-        r = pm(ids.to(device), mask.to(device)).cpu().double()                # (2n,)
+        prompts = [b["prompt"] for b in batch] + [b.get("rejected_prompt", b["prompt"]) for b in batch]
+        ids, mask, n_cut = reward_inputs(tokenizer, prompts, [b["chosen"] for b in batch]
+                                         + [b["rejected"] for b in batch], max_len)
+        r = pm(ids.to(device), mask.to(device)).cpu().double()             # (2n,)
         r_c, r_r = r[:len(batch)], r[len(batch):]
         p = torch.tensor([1.0 if b.get("label_prob") is None else b["label_prob"] for b in batch],
-                         dtype=torch.float64)                                  # no label = chosen is better
+                         dtype=torch.float64)                              # no label: chosen wins
         correct = ((r_c > r_r) == (p >= 0.5)).sum()
         loss = preference_loss(r_c, r_r, p) * len(batch)
         stats += torch.stack([torch.tensor(float(len(batch))), correct.double(),
-                              torch.sigmoid(r_c - r_r).sum(), loss.double(), torch.tensor(float(n_cut))])
+                              torch.sigmoid(r_c - r_r).sum(), loss.double(),
+                              torch.tensor(float(n_cut))])
     pm.train(was_training)
     return stats
 
 
 def _as_metrics(stats):
     n, correct, prob, loss, cut = stats.tolist()
-    return {"acc": correct / max(n, 1), "mean_prob": prob / max(n, 1), "loss": loss / max(n, 1), "n": int(n),
-            "truncated": int(cut)}
+    return {"acc": correct / max(n, 1), "mean_prob": prob / max(n, 1), "loss": loss / max(n, 1),
+            "n": int(n), "truncated": int(cut)}
 
 
 def pairwise_accuracy(pm, tokenizer, pairs, max_len=512, batch_size=16):
-    """Held-out simulated pairs (dicts with prompt/chosen/rejected[/label_prob]) -> {acc, mean_prob, loss, n,
-    truncated}: acc = the fraction of pairs on which the PM agrees with the label's direction."""
+    """Held-out simulated pairs (dicts with prompt/chosen/rejected[/label_prob]) -> {acc, mean_prob,
+    loss, n, truncated}: acc = the fraction of pairs where the PM agrees with the label's direction."""
     return _as_metrics(_pair_stats(pm, tokenizer, pairs, max_len, batch_size))
 
 
-def human_agreement(pm, tokenizer, hh_path, limit=None, max_len=512, batch_size=16):
-    """Agreement with HH-RLHF's human labels (paper Table 5): each line's `chosen` and `rejected` dialogues are cut
-    at the last "Assistant:" into prompt + response (data.load_hh_pairs), both scored; acc = P(r_chosen > r_rejected)
-    and mean_prob = mean σ(r_chosen − r_rejected). `limit` = first N pairs (the paper uses 2000)."""
-    pairs, summary = load_hh_pairs(hh_path)
-    pairs = pairs[:limit] if limit else pairs
-    return {**_as_metrics(_pair_stats(pm, tokenizer, pairs, max_len, batch_size)), "skipped_lines": summary["bad"]}
+def read_hh_head(path, limit=2000):
+    """The first `limit` lines of an HH-RLHF jsonl (all lines when limit is None) -> (pairs, skipped).
+    Each line's `chosen` and `rejected` dialogue is cut after its own last "Assistant:" into a prompt
+    and a reply, so each is scored whole, as the reference scores chosen.strip() + "\\n\\nHuman:". A
+    line without two such dialogues is skipped and counted (the reference would stop on it)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: HH-RLHF file not found")
+    pairs, skipped, lineno = [], 0, 0
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if limit is not None and lineno > limit:
+                    break
+                try:
+                    obj = json.loads(line)
+                    chosen, rejected = cut_dialogue(obj["chosen"]), cut_dialogue(obj["rejected"])
+                except (json.JSONDecodeError, TypeError, KeyError, AttributeError):
+                    chosen = rejected = None
+                if chosen is None or rejected is None:
+                    skipped += 1
+                    continue
+                pairs.append({"prompt": chosen[0], "chosen": chosen[1], "rejected_prompt": rejected[0],
+                              "rejected": rejected[1]})
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}:{lineno + 1}: not UTF-8 text (expected HH-RLHF jsonl)") from None
+    if not pairs:
+        raise ValueError(f"{path}: no HH-RLHF pair in the first {limit} lines ({skipped} skipped; "
+                         "expected JSON lines with 'chosen' and 'rejected' dialogues)")
+    return pairs, skipped
+
+
+def human_agreement(pm, tokenizer, hh_path, limit=2000, max_len=512, batch_size=16):
+    """Agreement with HH-RLHF's human labels (paper Table 5) -> {acc, mean_prob, loss, n, truncated,
+    skipped_lines}: acc = the fraction of pairs with r_chosen > r_rejected, mean_prob = the mean of
+    σ(r_chosen − r_rejected), the two numbers the paper reports. The pairs are those the reference
+    evaluates: its evaluate_reward_model_human_agreement.py reads the first 2000 lines (--num-pairs)
+    of the task's HH-RLHF *train* file (harmless-base or helpful-base train.jsonl, the file whose
+    prompts the simulation used), not the test file."""
+    pairs, skipped = read_hh_head(hh_path, limit)
+    stats = _pair_stats(pm, tokenizer, pairs, max_len, batch_size)
+    return {**_as_metrics(stats), "skipped_lines": skipped}
 
 
 def oracle_accuracy(pm, tokenizer, pairs, judge, max_len=512, batch_size=16):
-    """Toy world: among pairs whose two responses the oracle `judge(prompt, response)` (nanorlcd.toy.judge) labels
-    one harmless and one harmful, the fraction where the PM scores the harmless one higher. Pairs in any other
-    case (both alike, or an invalid reply) are skipped and counted; the record's own label is ignored."""
+    """Toy world: among pairs whose two replies the oracle `judge(prompt, response)` (toy.judge)
+    labels one harmless and one harmful, the fraction where the PM scores the harmless one higher.
+    Other pairs (both alike, or an invalid reply) are skipped and counted; the labels are ignored."""
     kept = []
     for rec in pairs:
         labels = (judge(rec["prompt"], rec["chosen"]), judge(rec["prompt"], rec["rejected"]))
@@ -234,134 +253,173 @@ def oracle_accuracy(pm, tokenizer, pairs, judge, max_len=512, batch_size=16):
             kept.append({"prompt": rec["prompt"], "chosen": rec["rejected"], "rejected": rec["chosen"]})
     if not kept:
         return {"acc": float("nan"), "n": 0, "skipped": len(pairs)}
-    return {**pairwise_accuracy(pm, tokenizer, kept, max_len, batch_size), "skipped": len(pairs) - len(kept)}
+    metrics = pairwise_accuracy(pm, tokenizer, kept, max_len, batch_size)
+    return {**metrics, "skipped": len(pairs) - len(kept)}
 
 
 # ----------------------------------------------------------------------------- training
 
 @dataclass
 class PMConfig:
-    batch_size: int = 16         # pairs per optimizer step, all ranks and micro-steps together (paper: 16)
-    micro_batch_size: int = 4    # pairs per forward/backward on one rank (2x rows: chosen + rejected)
-    epochs: int = 1              # passes over the training pairs (paper/AlpacaFarm: 1; more overfits)
-    lr: float = 3e-6             # peak AdamW learning rate (paper at 7B: 3e-6; the tiny toy PM needs ~1e-3)
-    warmup_steps: int = -1       # linear warmup steps; -1 = 3 % of all steps (paper)
-    min_lr_ratio: float = 0.0    # the cosine decays to lr * min_lr_ratio (AlpacaFarm: 0)
-    weight_decay: float = 0.0    # AdamW decoupled weight decay on every parameter (AlpacaFarm: 0)
-    grad_clip: float = 1.0       # max global gradient norm (0 = no clipping)
-    max_len: int = 512           # tokens per reward text; longer ones lose the prompt's oldest tokens (paper: 512)
+    batch_size: int = 16         # pairs per optimizer step, all ranks and micro-steps (reference: 16)
+    micro_batch_size: int = 4    # pairs per forward/backward on one rank (2x rows); 0 = batch / ranks
+    epochs: int = 1              # passes over the training pairs (reference: 1; more overfits)
+    lr: float = 3e-6             # peak AdamW lr (reference at 7B: 3e-6; the tiny toy PM needs ~1e-3)
+    warmup_steps: int = 0        # linear warmup steps; 0 = ceil(warmup_ratio * steps)
+    warmup_ratio: float = 0.03   # warmup fraction, used when warmup_steps is 0 (reference: 0.03)
+    min_lr_ratio: float = 0.0    # the cosine decays to lr * min_lr_ratio (reference: 0)
+    weight_decay: float = 0.0    # AdamW decoupled weight decay on every parameter (reference: 0)
+    grad_clip: float = 1.0       # max global gradient norm, 0 = none (reference: 1.0)
+    max_len: int = 512           # tokens per reward text; longer ones lose the prompt's oldest tokens
     eval_frac: float = 0.05      # the last eval_frac of the prefs file is held out (at least one pair)
     eval_every: int = 100        # held-out evaluation every this many steps (and at the end)
-    save_every: int = 0          # checkpoint into out_dir every this many steps (0 = only at the end)
+    save_every: int = 0          # resumable checkpoint into out_dir every this many steps (0: end only)
     log_every: int = 10          # JSONL line every this many steps
     skip_bad: bool = False       # skip (and count) malformed prefs lines instead of raising
-    bf16: bool = False           # bf16 autocast on CUDA (weights and AdamW state stay fp32; ignored on CPU)
+    bf16: bool = False           # bf16 autocast on CUDA (weights and AdamW state stay fp32)
     seed: int = 0                # data order and head init; the same on every rank
 
 
-def _save(pm, tokenizer, cfg, out_dir, step):
-    """Rank 0 writes the HF dir + the resolved training config; every rank waits for it."""
+def _save(pm, tokenizer, optimizer, cfg, out_dir, step, resume_state=None):
+    """Rank 0 writes the PM (HF layout), its tokenizer, the resolved config and, for a periodic
+    checkpoint, the training state (`resume_state`: optimizer, step, RNG, the run's identity) into a
+    fresh directory that replaces out_dir as a whole (an open log.jsonl is carried over)."""
     if dist.is_main():
-        pm.save_pretrained(out_dir, tokenizer=tokenizer)
-        with open(os.path.join(out_dir, "pm_config.json"), "w") as f:
-            json.dump({**asdict(cfg), "step": step}, f, indent=1)
+        with checkpoint.atomic_dir(out_dir, keep=("log.jsonl",)) as tmp:
+            pm.save_pretrained(tmp, tokenizer=tokenizer)
+            with open(os.path.join(tmp, "pm_config.json"), "w") as f:
+                json.dump({**asdict(cfg), "step": step}, f, indent=1)
+            if resume_state is not None:
+                checkpoint.save_training_state(tmp, optimizer, step, checkpoint.rng_states(),
+                                               extra=resume_state)
     dist.barrier()
 
 
-def train_pm(cfg, base_dir, prefs_path, out_dir, log_path=None):
-    """Train a PM from `base_dir` (a base LLaMA dir, or a PM dir to continue) on the pairs of `prefs_path`; writes
-    the PM to `out_dir` and JSONL metrics to log_path (default out_dir/log.jsonl). Returns the summary dict."""
+def _resume(out_dir, optimizer, identity):
+    """Load out_dir's training state into `optimizer` -> the step to continue from. The run must be
+    the same: same prefs file, pair counts and config (else a one-line error naming the field)."""
+    state = checkpoint.load_training_state(out_dir, optimizer)
+    saved = state["extra"]
+    for key in identity:
+        if saved.get(key) != identity[key]:
+            raise ValueError(f"{out_dir}: cannot resume: its checkpoint has {key}={saved.get(key)!r}, "
+                             f"this run {identity[key]!r}")
+    checkpoint.set_rng_states(state["rng_states"])
+    return state["step"]
+
+
+def train_pm(cfg, base_dir, prefs_path, out_dir, log_path=None, resume=False):
+    """Train a PM from `base_dir` (a base LLaMA dir, or a PM dir to continue) on the pairs of
+    `prefs_path`; writes the PM to `out_dir` and JSONL metrics to log_path (default out_dir/log.jsonl).
+    resume=True continues from out_dir's last periodic checkpoint (`save_every`) exactly where it
+    stopped. Returns the summary dict."""
     _, world, device = dist.init()
     tokenizer = Tokenizer(base_dir)
     # 1. data: the last eval_frac of the file is held out; the rest is shuffled each epoch
     records, data_summary = read_prefs(prefs_path, cfg.skip_bad)
     n_eval = max(1, round(cfg.eval_frac * len(records))) if cfg.eval_frac > 0 else 0
     train, held = records[:len(records) - n_eval], records[len(records) - n_eval:]
-    accum, rem = divmod(cfg.batch_size, cfg.micro_batch_size * world)
+    micro_batch_size = cfg.micro_batch_size or max(1, cfg.batch_size // world)
+    accum, rem = divmod(cfg.batch_size, micro_batch_size * world)
     if rem or accum == 0:
-        raise ValueError(f"PMConfig.batch_size={cfg.batch_size} must be a multiple of micro_batch_size "
-                         f"({cfg.micro_batch_size}) x world size ({world})")
+        raise ValueError(f"PMConfig.batch_size={cfg.batch_size} must be a multiple of "
+                         f"micro_batch_size ({micro_batch_size}) x world size ({world})")
+    if cfg.warmup_steps < 0 or not 0.0 <= cfg.warmup_ratio < 1.0:
+        raise ValueError(f"PMConfig.warmup_steps={cfg.warmup_steps}, warmup_ratio="
+                         f"{cfg.warmup_ratio}: expected warmup_steps >= 0, 0 <= warmup_ratio < 1")
     steps_per_epoch = len(train) // cfg.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"{prefs_path}: {len(train)} training pairs, fewer than one batch ({cfg.batch_size})")
+        raise ValueError(f"{prefs_path}: {len(train)} training pairs, fewer than one batch "
+                         f"({cfg.batch_size})")
     max_steps = steps_per_epoch * cfg.epochs
-    if cfg.warmup_steps < 0:
-        cfg = replace(cfg, warmup_steps=math.ceil(0.03 * max_steps))
-    # 2. model: the same seed on every rank gives the same fresh head (DDP also broadcasts rank 0's weights)
+    cfg = replace(cfg, micro_batch_size=micro_batch_size,    # resolved, as logged and saved
+                  warmup_steps=cfg.warmup_steps or math.ceil(cfg.warmup_ratio * max_steps))
+    # 2. model: the same seed on every rank gives the same fresh head (DDP broadcasts rank 0's too)
     torch.manual_seed(cfg.seed)
-    pm = PreferenceModel.from_pretrained(base_dir, dtype=torch.float32, device=device).train()
+    pm = PreferenceModel.from_pretrained(out_dir if resume else base_dir, dtype=torch.float32,
+                                         device=device).train()
     # texts never exceed the context the base was trained for (the header logs the resolved max_len)
     cfg = replace(cfg, max_len=min(cfg.max_len, pm.config.max_position_embeddings))
     optimizer = torch.optim.AdamW(pm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # what a resumed run must share with the run it continues
+    identity = {"prefs": os.path.abspath(prefs_path), "train_pairs": len(train),
+                "config": {k: v for k, v in asdict(cfg).items() if k not in ("save_every", "log_every")},
+                "world_size": world}
+    start = _resume(out_dir, optimizer, identity) if resume else 0
     ddp_pm = dist.wrap(pm)
     if dist.is_main():
         os.makedirs(out_dir, exist_ok=True)
     log = open(log_path or os.path.join(out_dir, "log.jsonl"), "a") if dist.is_main() else None
-    header = {"config": asdict(cfg), "train_pairs": len(train), "eval_pairs": len(held), "max_steps": max_steps,
-              "accumulation": accum, "world_size": world, "skipped_lines": data_summary["bad"]}
+    header = {"config": asdict(cfg), "train_pairs": len(train), "eval_pairs": len(held),
+              "max_steps": max_steps, "accumulation": accum, "world_size": world,
+              "skipped_lines": data_summary["bad"], "start_step": start}
     if log:
         log.write(json.dumps(header) + "\n")
     dist.print0(f"pm: {header}")
 
     # 3. the loop: one optimizer step per global batch of cfg.batch_size pairs
-    t0, step, summary, truncated = time.time(), 0, {}, 0
-    bar = tqdm(total=max_steps, disable=not dist.is_main(), desc="pm", dynamic_ncols=True)
-    for epoch in range(cfg.epochs):
-        order = list(range(len(train)))
-        random.Random(cfg.seed + epoch).shuffle(order)
-        for s in range(steps_per_epoch):
-            t_step = time.time()
-            batch = [train[i] for i in order[s * cfg.batch_size:(s + 1) * cfg.batch_size]]
-            lr = get_lr(step, max_steps, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            totals = torch.zeros(4, dtype=torch.float64)                      # [loss, correct, Δ, truncated]
-            for micro in range(accum):
-                # this rank's micro-step: the (micro * world + rank)-th block of micro_batch_size pairs
-                first = (micro * world + dist.rank()) * cfg.micro_batch_size
-                pairs = batch[first:first + cfg.micro_batch_size]
-                m = len(pairs)
-                # chosen and rejected in one forward: rows [0, m) chosen, [m, 2m) rejected
-                ids, mask, n_cut = reward_inputs(tokenizer, [p["prompt"] for p in pairs] * 2,
-                                                 [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs],
-                                                 cfg.max_len)
-                label_prob = torch.tensor([p["label_prob"] for p in pairs], device=device)
-                sync = micro == accum - 1 or world == 1     # all-reduce gradients only on the last micro-step
-                with contextlib.nullcontext() if sync else ddp_pm.no_sync():
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda"):
-                        r = ddp_pm(ids.to(device), mask.to(device))           # (2m,)
-                    loss = preference_loss(r[:m], r[m:], label_prob)
-                    # sum over this micro-batch / global batch size, times world (DDP averages over ranks)
-                    (loss * m * world / cfg.batch_size).backward()
-                delta = (r[:m] - r[m:]).detach().double().cpu()               # (m,)
-                totals += torch.tensor([loss.item() * m, ((delta > 0) == (label_prob.cpu() >= 0.5)).sum().item(),
-                                        delta.sum().item(), n_cut], dtype=torch.float64)
-            grad_norm = torch.nn.utils.clip_grad_norm_(pm.parameters(), cfg.grad_clip or float("inf"))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            # 4. metrics over the global batch; held-out evaluation on every rank's shard, summed
-            totals = dist.all_reduce_sum(totals.to(device)).cpu() / torch.tensor([cfg.batch_size] * 3 + [1])
-            truncated += int(totals[3])
-            record = {"step": step, "pm/loss": totals[0].item(), "pm/acc": totals[1].item(),
-                      "pm/margin": totals[2].item(), "pm/lr": lr, "pm/grad_norm": grad_norm.item(),
-                      "pm/truncated": truncated, "pm/ms": 1000 * (time.time() - t_step)}
-            last = step == max_steps
-            if held and (step % cfg.eval_every == 0 or last):
-                stats = _pair_stats(pm, tokenizer, dist.shard(held), cfg.max_len, cfg.micro_batch_size * 2)
-                ev = _as_metrics(dist.all_reduce_sum(stats.to(device)).cpu())
-                record.update({f"eval/{k}": v for k, v in ev.items() if k in ("acc", "mean_prob", "loss")})
-                dist.print0(f"step {step}: loss {record['pm/loss']:.4f} acc {record['pm/acc']:.3f} "
-                            f"eval acc {ev['acc']:.3f} lr {lr:.2e} {record['pm/ms']:.0f} ms")
-            if log and (step % cfg.log_every == 0 or last or "eval/acc" in record):
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['pm/loss']:.3f}", acc=f"{record['pm/acc']:.2f}")
-            summary.update(record)
-            # 5. checkpoints: every save_every steps and at the end, from the unwrapped module
-            if last or (cfg.save_every and step % cfg.save_every == 0):
-                _save(pm, tokenizer, cfg, out_dir, step)
+    t0, summary, truncated = time.time(), {}, 0
+    bar = tqdm(total=max_steps, initial=start, disable=not dist.is_main(), desc="pm",
+               dynamic_ncols=True)
+    for step in range(start, max_steps):
+        t_step = time.time()
+        epoch, k = divmod(step, steps_per_epoch)
+        if k == 0 or step == start:                  # the epoch's order, from the seed alone
+            order = list(range(len(train)))
+            random.Random(cfg.seed + epoch).shuffle(order)
+        batch = [train[i] for i in order[k * cfg.batch_size:(k + 1) * cfg.batch_size]]
+        lr = lr_at(step, max_steps, cfg.lr, cfg.warmup_steps, "cosine", cfg.min_lr_ratio)
+        set_lr(optimizer, lr)
+        totals = torch.zeros(4, dtype=torch.float64)              # [loss, correct, Δ, truncated]
+        for micro, sync_context in micro_steps(ddp_pm, accum):
+            # this rank's pairs: the (micro * world + rank)-th block of micro_batch_size pairs
+            first = (micro * world + dist.rank()) * micro_batch_size
+            pairs = batch[first:first + micro_batch_size]
+            m = len(pairs)
+            # chosen and rejected in one forward: rows [0, m) chosen, [m, 2m) rejected
+            ids, mask, n_cut = reward_inputs(tokenizer, [p["prompt"] for p in pairs] * 2,
+                                             [p["chosen"] for p in pairs]
+                                             + [p["rejected"] for p in pairs], cfg.max_len)
+            label_prob = torch.tensor([p["label_prob"] for p in pairs], device=device)
+            with sync_context:
+                with autocast(device, cfg.bf16):
+                    r = ddp_pm(ids.to(device), mask.to(device))           # (2m,)
+                loss = preference_loss(r[:m], r[m:], label_prob)
+                # sum over this micro-batch / global batch size, times world (DDP averages ranks)
+                (loss * m * world / cfg.batch_size).backward()
+            delta = (r[:m] - r[m:]).detach().double().cpu()               # (m,)
+            agree = ((delta > 0) == (label_prob.cpu() >= 0.5)).sum().item()
+            totals += torch.tensor([loss.item() * m, agree, delta.sum().item(), n_cut],
+                                   dtype=torch.float64)
+        # 4. metrics over the global batch; a non-finite loss stops before the step
+        totals = dist.all_reduce_sum(totals.to(device)).cpu()
+        totals /= torch.tensor([cfg.batch_size] * 3 + [1])
+        stop_if_not_finite("pm", step + 1, loss=totals[0].item())
+        grad_norm = optimizer_step(optimizer, list(pm.parameters()), cfg.grad_clip).item()
+        stop_if_not_finite("pm", step + 1, grad_norm=grad_norm)
+        truncated += int(totals[3])
+        record = {"step": step + 1, "pm/loss": totals[0].item(), "pm/acc": totals[1].item(),
+                  "pm/margin": totals[2].item(), "pm/lr": lr, "pm/grad_norm": grad_norm,
+                  "pm/truncated": truncated, "pm/ms": 1000 * (time.time() - t_step)}
+        last = step + 1 == max_steps
+        if held and ((step + 1) % cfg.eval_every == 0 or last):
+            # held-out evaluation on every rank's shard, summed
+            stats = _pair_stats(pm, tokenizer, dist.shard(held), cfg.max_len, micro_batch_size * 2)
+            ev = _as_metrics(dist.all_reduce_sum(stats.to(device)).cpu())
+            record.update({f"eval/{k}": v for k, v in ev.items() if k in ("acc", "mean_prob", "loss")})
+            dist.print0(f"step {step + 1}: loss {record['pm/loss']:.4f} acc {record['pm/acc']:.3f} "
+                        f"eval acc {ev['acc']:.3f} lr {lr:.2e} {record['pm/ms']:.0f} ms")
+        if log and ((step + 1) % cfg.log_every == 0 or last or "eval/acc" in record):
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['pm/loss']:.3f}", acc=f"{record['pm/acc']:.2f}")
+        summary.update(record)
+        # 5. checkpoints from the unwrapped module: periodic ones resumable, the last one the result
+        if last:
+            _save(pm, tokenizer, optimizer, cfg, out_dir, step + 1)
+        elif cfg.save_every and (step + 1) % cfg.save_every == 0:
+            _save(pm, tokenizer, optimizer, cfg, out_dir, step + 1, resume_state=identity)
     bar.close()
     summary.update({"pm/seconds": time.time() - t0, "pm/skipped_lines": data_summary["bad"]})
     if log:

@@ -22,11 +22,13 @@ import random
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from nanorlcd import pm as pm_module
 from nanorlcd import toy
 from nanorlcd.model import LLaMA
 from nanorlcd.pm import (PMConfig, PreferenceModel, human_agreement, oracle_accuracy, pairwise_accuracy,
@@ -260,21 +262,36 @@ def test_pairwise_and_oracle_accuracy_match_hand_loop(base_dir):
     assert got["acc"] == pytest.approx(sum(used) / len(used))
 
 
-def test_human_agreement_matches_hand_split_of_hh_dialogues(tmp_path, base_dir):
+def test_human_agreement_first_lines_match_naive_per_pair_loop(tmp_path, base_dir):
+    """As the reference's evaluate_reward_model_human_agreement.py: the first `limit` LINES of the file
+    (a bad line among them is skipped and counted, lines after them are never read), each dialogue
+    scored whole with "\\n\\nHuman:" appended, acc = P(r_chosen > r_rejected), mean_prob = the mean of
+    σ(r_chosen − r_rejected). Naive reference: one unpadded forward per dialogue."""
     pm, tok = PreferenceModel.from_pretrained(base_dir), Tokenizer(base_dir)
     dialogues = []
-    for i in range(6):
-        prefix = f"\n\nHuman: How do I bake bread {i}?\n\nAssistant: Sure.\n\nHuman: And then?\n\nAssistant:"
-        dialogues.append({"chosen": prefix + f" Knead it {i} times.", "rejected": prefix + " No."})
-    path = write_jsonl(tmp_path / "hh.jsonl", dialogues + ["not json"])
-    # independent split: prompt up to and including the last "\n\nAssistant:", the response stripped
-    cut = lambda d: (d[:d.rindex("\n\nAssistant:") + 12], d[d.rindex("\n\nAssistant:") + 12:].strip())  # noqa
-    r_c = hand_rewards(pm, tok, *zip(*[cut(d["chosen"]) for d in dialogues]))
-    r_r = hand_rewards(pm, tok, *zip(*[cut(d["rejected"]) for d in dialogues]))
-    got = human_agreement(pm, tok, path, limit=5)
-    assert got["n"] == 5 and got["skipped_lines"] == 1
-    assert got["acc"] == pytest.approx(sum(c > r for c, r in zip(r_c[:5], r_r[:5])) / 5)
-    assert got["mean_prob"] == pytest.approx(sum(sig(c - r) for c, r in zip(r_c[:5], r_r[:5])) / 5, rel=1e-4)
+    for i in range(8):
+        prefix = f"\n\nHuman: How do I bake bread {i}?\n\nAssistant: Sure.\n\nHuman: And then?"
+        chosen = prefix + f"\n\nAssistant: Knead it {i} times."
+        # line 2: HH-RLHF also has pairs whose two dialogues differ before the last reply
+        rejected = (prefix if i != 2 else prefix + " Now!") + "\n\nAssistant: No."
+        dialogues.append({"chosen": chosen, "rejected": rejected})
+    lines = dialogues[:3] + ["not json"] + dialogues[3:]                   # 9 lines, the 4th bad
+    path = write_jsonl(tmp_path / "hh.jsonl", lines)
+
+    def naive(dialogue):
+        with torch.no_grad():
+            ids = tok.encode("\n\n" + dialogue.strip() + "\n\nHuman:", bos=True)
+            return pm(torch.tensor([ids])).item()
+
+    used = dialogues[:7]                                                   # the first 8 lines hold 7
+    r_c, r_r = [naive(d["chosen"]) for d in used], [naive(d["rejected"]) for d in used]
+    got = human_agreement(pm, tok, path, limit=8, batch_size=3)
+    assert got["n"] == 7 and got["skipped_lines"] == 1
+    assert got["acc"] == pytest.approx(sum(c > r for c, r in zip(r_c, r_r)) / 7)
+    assert got["mean_prob"] == pytest.approx(sum(sig(c - r) for c, r in zip(r_c, r_r)) / 7, rel=1e-5)
+    assert human_agreement(pm, tok, path, limit=None)["n"] == 8            # the whole file
+    with pytest.raises(ValueError, match=r"hh\.jsonl: no HH-RLHF pair in the first 1 lines"):
+        human_agreement(pm, tok, write_jsonl(tmp_path / "hh.jsonl", ["{}"] + dialogues), limit=1)
 
 
 # ----------------------------------------------------------------------------- training
@@ -360,3 +377,61 @@ def test_two_process_ddp_matches_one_process(tmp_path, base_dir):
     for a, b in zip(logs[0][1:-1], logs[1][1:-1]):
         assert a["pm/loss"] == pytest.approx(b["pm/loss"], rel=1e-5)
         assert a["eval/loss"] == pytest.approx(b["eval/loss"], rel=1e-5)
+
+
+def test_non_finite_loss_stops_before_saving(tmp_path, base_dir, monkeypatch):
+    """A NaN in a weight (injected after loading: the loader refuses NaN files) or a huge learning rate:
+    one line naming the stage, the step and the quantity; no weights saved."""
+    load = PreferenceModel.from_pretrained
+
+    def poisoned(path, **kwargs):
+        pm = load(path, **kwargs)
+        with torch.no_grad():
+            pm.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+        return pm
+
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", toy_pairs("train", 40, seed=3))
+    out = tmp_path / "pm"
+    monkeypatch.setattr(PreferenceModel, "from_pretrained", poisoned)
+    with pytest.raises(FloatingPointError, match=r"^pm: step 1: non-finite loss nan"):
+        train_pm(PMConfig(batch_size=4, micro_batch_size=2), base_dir, prefs, str(out))
+    assert not (out / "model.safetensors").exists()
+    monkeypatch.setattr(PreferenceModel, "from_pretrained", load)
+    with pytest.raises(FloatingPointError, match=r"^pm: step \d+: non-finite (loss|grad_norm)"):
+        train_pm(PMConfig(batch_size=4, micro_batch_size=4, lr=1e12, grad_clip=0, warmup_steps=1),
+                 base_dir, prefs, str(out))
+    assert not (out / "model.safetensors").exists()
+
+
+def test_resume_after_a_kill_is_bit_identical(tmp_path, base_dir, monkeypatch):
+    """6 steps with a resumable checkpoint every 2: killed during step 5 and resumed (from step 4) gives
+    bit for bit the weights and step-6 training metrics of one uninterrupted run (one CPU process)."""
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", toy_pairs("train", 28, seed=4))
+    cfg = PMConfig(batch_size=4, micro_batch_size=2, lr=1e-3, save_every=2, eval_every=3)
+    whole = train_pm(cfg, base_dir, prefs, str(tmp_path / "whole"))
+    real_step, calls = pm_module.optimizer_step, []
+
+    def killed_at_step_5(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt                                        # "kill -9" mid-step
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(pm_module, "optimizer_step", killed_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train_pm(cfg, base_dir, prefs, str(tmp_path / "cut"))
+    monkeypatch.setattr(pm_module, "optimizer_step", real_step)
+    assert json.loads((tmp_path / "cut" / "pm_config.json").read_text())["step"] == 4
+    # a resume with other settings is refused, naming the field
+    with pytest.raises(ValueError, match="cannot resume: .*config"):
+        train_pm(replace(cfg, lr=2e-3), base_dir, prefs, str(tmp_path / "cut"), resume=True)
+    resumed = train_pm(cfg, base_dir, prefs, str(tmp_path / "cut"), resume=True)
+    w1 = load_file(tmp_path / "whole" / "model.safetensors")
+    w2 = load_file(tmp_path / "cut" / "model.safetensors")
+    assert all(torch.equal(w1[name], w2[name]) for name in w1)
+    for key in ("pm/loss", "pm/grad_norm", "pm/lr", "step"):
+        assert resumed[key] == whole[key], key
+    # the held-out forward of reloaded tensors may round differently in the last bits
+    assert resumed["eval/loss"] == pytest.approx(whole["eval/loss"], rel=1e-6)
+    # the result holds no training state; the periodic checkpoint did
+    assert not (tmp_path / "whole" / "training_state.safetensors").exists()
