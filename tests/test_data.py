@@ -7,15 +7,22 @@ What is checked, and against what:
 - plain {"prompt"} jsonl, story premises (the outline request) and the toy splits, with kind detection;
 - HH chosen/rejected pairs for the PM's human-agreement evaluation;
 - preference records: round trip, a partial last line cut off by repair=True, a corrupt line in the middle,
-  and the context-distillation view.
+  the one reader `read_prefs` (skip_bad counting, the file:line error, required fields; pm.read_prefs is
+  the same reader), and the context-distillation view;
+- encodings (faults reproduced): a non-UTF-8 byte is a one-line error naming file and line in every
+  reader; a UTF-8 BOM does not cost the first record (HH prompts, kind guess, preferences, SFT view);
+- the shipped premise file examples/premises.txt (outline task) and its format rules.
 Run: `python -m pytest tests/test_data.py -q`
 """
 import json
+import os
 
 import pytest
 
-from nanorlcd.data import (OUTLINE_REQUEST, RECORD_FIELDS, load_hh_pairs, load_prompts, read_records,
-                           write_records, write_sft_data)
+from nanorlcd.data import (OUTLINE_REQUEST, RECORD_FIELDS, load_hh_pairs, load_prompts, read_prefs,
+                           read_records, read_sft_data, write_records, write_sft_data)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ONE_TURN = "\n\nHuman: How do I bake bread?\n\nAssistant: Mix flour, water and yeast."
 TWO_TURNS = ("\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: How do I steal a car?"
@@ -133,3 +140,76 @@ def test_sft_view(tmp_path):
     rows = [json.loads(x) for x in open(path)]
     assert rows == [{"id": 4, "prompt": "\n\nHuman: q\n\nAssistant:", "response": "good 4"},
                     {"id": 7, "prompt": "\n\nHuman: q\n\nAssistant:", "response": "good 7"}]
+
+
+def test_hh_pairs_limit_reads_the_first_lines(tmp_path):
+    # the reference's agreement script reads the first N lines of the HH-RLHF train file
+    rows = [json.dumps({"chosen": ONE_TURN.replace("bread", f"bread {i}"),
+                        "rejected": ONE_TURN.replace("Mix", f"Burn {i}")}) for i in range(5)]
+    path = write_lines(tmp_path / "train.jsonl", rows[:2] + ["not json"] + rows[2:])
+    pairs, summary = load_hh_pairs(path, limit=3)
+    assert [p["prompt"] for p in pairs] == [reference_prompt(json.loads(r)["chosen"]) for r in rows[:2]]
+    assert (summary["lines"], summary["bad"]) == (3, 1)
+
+
+def test_read_prefs_is_the_one_reader(tmp_path):
+    pm = pytest.importorskip("nanorlcd.pm")
+    good = {"id": 0, "prompt": "\n\nHuman: q\n\nAssistant:", "chosen": "a", "rejected": "b"}
+    path = write_lines(tmp_path / "prefs.jsonl", [
+        json.dumps({**good, "label_prob": 0.25}), "", "{broken", json.dumps({**good, "label_prob": 2}),
+        json.dumps({**good, "label_prob": None})])
+    with pytest.raises(ValueError, match=r"prefs\.jsonl:3: bad preference record \(2 bad lines"):
+        read_prefs(path)
+    records, summary = read_prefs(path, skip_bad=True)
+    assert [r["label_prob"] for r in records] == [0.25, 1.0]               # null = a hard label
+    assert (summary["bad"], summary["first_bad_line"]) == (2, 3)
+    assert pm.read_prefs(path, skip_bad=True) == (records, summary)       # the PM reads through it
+    # the simulator's own files must carry every record field
+    with pytest.raises(ValueError, match=r"prefs\.jsonl:1: .*no id/task/method"):
+        read_records(write_lines(tmp_path / "prefs.jsonl", [json.dumps({k: v for k, v in good.items()
+                                                                            if k != "id"})]))
+    assert read_records(write_lines(tmp_path / "empty.jsonl", [""])) == []
+
+
+def test_non_utf8_is_a_one_line_error_with_file_and_line(tmp_path):
+    # line 2 holds "café" written in Latin-1 (0xe9), as a file saved in the wrong encoding does
+    latin1 = json.dumps({"chosen": "\n\nHuman: cafX\n\nAssistant: ok"}).encode().replace(b"X", b"\xe9")
+    hh = tmp_path / "hh.jsonl"
+    hh.write_bytes(json.dumps({"chosen": ONE_TURN}).encode() + b"\n" + latin1 + b"\n")
+    for call in (lambda: load_prompts(str(hh)), lambda: load_prompts(str(hh), kind="hh"),
+                 lambda: load_hh_pairs(str(hh)), lambda: read_prefs(str(hh)),
+                 lambda: read_sft_data(str(hh))):
+        with pytest.raises(ValueError, match=r"hh\.jsonl:2: not UTF-8 text \(byte 0xe9 at column "):
+            call()
+
+
+def test_utf8_bom_keeps_the_first_record(tmp_path):
+    bom = b"\xef\xbb\xbf"
+    hh = tmp_path / "hh.jsonl"
+    hh.write_bytes(bom + (json.dumps({"chosen": ONE_TURN}) + "\n" + json.dumps({"chosen": TWO_TURNS})
+                          + "\n").encode())
+    prompts, summary = load_prompts(str(hh))                               # the kind is guessed too
+    assert summary["kind"] == "hh" and summary["bad"] == 0
+    assert prompts == [reference_prompt(ONE_TURN), reference_prompt(TWO_TURNS)]
+    prefs = tmp_path / "prefs.jsonl"
+    write_records(str(prefs), [record(0), record(1)])
+    prefs.write_bytes(bom + prefs.read_bytes())
+    assert read_records(str(prefs)) == [record(0), record(1)]
+    sft = tmp_path / "sft-data.jsonl"
+    write_sft_data([record(3)], str(sft))
+    sft.write_bytes(bom + sft.read_bytes())
+    assert read_sft_data(str(sft)) == [("\n\nHuman: q\n\nAssistant:", "good 3")]
+
+
+def test_shipped_premise_file(tmp_path):
+    path = os.path.join(REPO, "examples", "premises.txt")
+    prompts, summary = load_prompts(path)
+    raw = [x.strip() for x in open(path, encoding="utf-8") if x.strip() and not x.startswith("#")]
+    assert summary["kind"] == "premises" and summary["bad"] == 0 and len(prompts) == len(raw) == 12
+    assert prompts == [f"\n\nHuman: {OUTLINE_REQUEST.format(premise=p)}\n\nAssistant:" for p in raw]
+    # format rules: '#' comments and blank lines are not data; a turn tag inside a premise is a bad line
+    mine = write_lines(tmp_path / "mine.txt", ["# header", "A cat sails.", "", "Human: hi", "  A dog flies. "])
+    prompts, summary = load_prompts(mine)
+    assert [p.split("premise: ")[1] for p in prompts] == ["A cat sails.\n\nAssistant:",
+                                                          "A dog flies.\n\nAssistant:"]
+    assert (summary["lines"], summary["bad"], summary["first_bad_line"]) == (3, 1, 4)
