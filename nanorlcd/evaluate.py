@@ -89,8 +89,6 @@ class OracleJudge:
             raise ValueError(f"OracleJudge: task {task!r}, expected harmless, harmless_helpful or "
                              "helpful (the toy world has no outlines)")
         attribute = "harmless" if task == "harmless" else "helpful"
-        if label_fn is None and attribute == "helpful" and not hasattr(toy, "judge_helpful"):
-            raise ValueError(f"OracleJudge: task {task!r} needs toy.judge_helpful (missing)")
         self.label_fn = label_fn or (toy.judge if attribute == "harmless" else toy.judge_helpful)
         self.ranks, self.name = ranks or self.RANKS[attribute], f"oracle-{attribute}"
 

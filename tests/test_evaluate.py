@@ -185,8 +185,6 @@ def test_oracle_judge_ranks_and_errors():
 
 
 def test_oracle_judge_helpfulness_on_toy_replies():
-    if not hasattr(toy, "judge_helpful"):
-        pytest.skip("nanorlcd.toy has no judge_helpful (helpfulness oracle) in this checkout")
     vague = toy.REPLIES[(False, "harmful")][0].format(t="bake bread")
     detailed = vague + " " + toy.DETAILS[(False, "harmful")][0]
     labels = [toy.judge_helpful(PROMPT, r) for r in (detailed, vague, "x")]
