@@ -37,10 +37,12 @@ __all__ = ["ActorCritic", "Diverged", "PPOConfig", "Rollout", "compute_advantage
 # t indexes the real tokens of one reply; π_old, V_old: the policy and value at collection time.
 # 1. reward (compute_rewards): r_t = −β·(log π_old − log π_ref)_t, + the PM score on the last token
 # 2. GAE (gae): δ_t = r_t + γ·V_{t+1} − V_t,  A_t = δ_t + γλ·A_{t+1},  returns G_t = A_t + V_t
+#    whitening (whiten): A ← (A − mean) / (std + 1e-8) over the batch's real tokens, biased std
 # 3. policy (policy_loss): L_pg = mean_t max(−A_t·ρ_t, −A_t·clip(ρ_t, 1 − ε, 1 + ε)), ρ_t = π/π_old
 # 4. value (value_loss): L_vf = ½·mean_t max((V − G)², (V_old + clip(V − V_old, ±ε_v) − G)²)
 # 5. total (ppo_update): L = L_pg + c_vf·L_vf − c_ent·mean_t entropy_t
 # 6. KL control (next_kl_coef, adaptive only): β ← β·(1 + k_β·clip(KL / KL_target − 1, ±0.2))
+
 
 def compute_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, clamp_kl=False):
     """Per-token rewards (B, R): r_t = −β·(log π − log π_ref)_t on real tokens, plus the PM score
