@@ -49,30 +49,89 @@ class LLaMAConfig:
     pad_token_id: int = None                # often absent on LLaMA checkpoints
 
     def __post_init__(self):
+        """Checks every field, so a bad config fails here naming the field, not at the first forward."""
+        def bad(name, value, expected):
+            raise ValueError(f"config field '{name}' is {value!r}, expected {expected}")
+
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            v = getattr(self, name)
+            if not (is_int(v) and v > 0 or v is None and name in ("num_key_value_heads", "head_dim")):
+                bad(name, v, "a positive integer")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            bad("num_key_value_heads", self.num_key_value_heads,
+                f"a divisor of num_attention_heads ({self.num_attention_heads})")
         if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                bad("hidden_size", self.hidden_size, f"a multiple of num_attention_heads "
+                    f"({self.num_attention_heads}) when head_dim is not given")
             self.head_dim = self.hidden_size // self.num_attention_heads
-        if self.num_attention_heads % self.num_key_value_heads != 0:
-            raise ValueError(f"config: num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                             f"num_key_value_heads ({self.num_key_value_heads})")
-        rope_type = (self.rope_scaling or {}).get("rope_type", "default")
+        if self.head_dim % 2:
+            bad("head_dim", self.head_dim, "an even number (RoPE rotates pairs of dimensions)")
+        for name in ("rms_norm_eps", "rope_theta"):
+            if not (is_num(getattr(self, name)) and getattr(self, name) > 0):
+                bad(name, getattr(self, name), "a positive number")
+        if not (is_num(self.initializer_range) and self.initializer_range >= 0):
+            bad("initializer_range", self.initializer_range, "a number >= 0")
+        for name in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, getattr(self, name), "true or false")
+        for name in ("bos_token_id", "pad_token_id"):
+            if not (getattr(self, name) is None or is_int(getattr(self, name))):
+                bad(name, getattr(self, name), "an integer or null")
+        eos = self.eos_token_id
+        if not (eos is None or is_int(eos) or isinstance(eos, list) and eos and all(map(is_int, eos))):
+            bad("eos_token_id", eos, "an integer or a list of integers")
+        rs = self.rope_scaling
+        if rs is not None and not isinstance(rs, dict):
+            bad("rope_scaling", rs, "null or an object")
+        rope_type = (rs or {}).get("rope_type", "default")
         if rope_type not in ("default", "llama3"):
-            raise ValueError(f"config: rope_type '{rope_type}' is not supported (expected 'default' or 'llama3')")
+            bad("rope_type", rope_type, "'default' or 'llama3' (other types are not supported)")
+        if rope_type == "llama3":
+            # rope_inv_freq's defaults for the optional three are Meta's LLaMA-3.1 values
+            rs = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192, **rs}
+            for key in ("factor", "low_freq_factor", "high_freq_factor"):
+                if not (is_num(rs.get(key)) and rs[key] > 0):
+                    bad(f"rope_scaling.{key}", rs.get(key), "a positive number (llama3 RoPE)")
+            if rs["high_freq_factor"] <= rs["low_freq_factor"]:
+                bad("rope_scaling.high_freq_factor", rs["high_freq_factor"],
+                    f"more than low_freq_factor ({rs['low_freq_factor']})")
+            if not (is_int(rs["original_max_position_embeddings"])
+                    and rs["original_max_position_embeddings"] > 0):
+                bad("rope_scaling.original_max_position_embeddings",
+                    rs["original_max_position_embeddings"], "a positive integer")
 
     @classmethod
     def from_hf_dict(cls, d, source="config.json"):
         """Reads an HF config dict, in both the transformers 4.x and 5.x spellings of the RoPE settings."""
         arch = d.get("architectures") or []
-        if d.get("model_type", "llama") != "llama" or any(not a.startswith("Llama") for a in arch):
+        arch = [arch] if isinstance(arch, str) else arch
+        if d.get("model_type", "llama") != "llama" or any(not str(a).startswith("Llama") for a in arch):
             raise ValueError(f"{source}: model_type '{d.get('model_type')}' / architectures {arch} is not LLaMA "
                              "(expected model_type 'llama')")
         kwargs = {f.name: d[f.name] for f in fields(cls) if f.name in d and f.name not in ("rope_scaling",)}
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
             if name not in d:
                 raise ValueError(f"{source}: missing required field '{name}'")
-        # transformers 4.x: rope_theta + rope_scaling{"type"|"rope_type", ...}; 5.x: rope_parameters{rope_type, rope_theta, ...}
-        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{source}: config field 'hidden_act' is {d['hidden_act']!r}, expected "
+                             "'silu' (LLaMA's SwiGLU)")
+        # transformers 4.x: rope_theta + rope_scaling{"type"|"rope_type", ...};
+        # 5.x: rope_parameters{rope_type, rope_theta, ...}
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise ValueError(f"{source}: config field 'rope_scaling' is {rope!r}, expected an object")
+        rope = dict(rope)
         if "type" in rope and "rope_type" not in rope:
             rope["rope_type"] = rope.pop("type")
         if "rope_theta" in rope:

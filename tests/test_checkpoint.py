@@ -8,6 +8,11 @@ What is checked:
 - every broken directory raises a one-line ValueError / FileNotFoundError naming the file, field or tensor:
   missing / unexpected / misshapen tensor, missing shard, malformed config.json (bad JSON, missing field),
   pickles only (refused: torch.load is never called), a non-LLaMA architecture, an unsupported rope_type;
+- every fault class of a damaged checkpoint gives a one-line ValueError at load time naming the file
+  and the tensor or field (the table below, `TENSOR_FAULTS` / `INDEX_FAULTS` / `CONFIG_FAULTS`):
+  truncated or garbage safetensors, int/bool tensors for float weights, NaN/inf weights (also inf made
+  by the cast to the requested dtype), a shard index entry outside the directory (`../`, absolute),
+  an index naming a tensor its shard lacks, config fields of the wrong type or value;
 - atomic saves: a save that fails, or a process killed (SIGKILL) mid-write or between the two renames of the
   swap, leaves the old checkpoint loading bit-exact, never a mix, and its leftovers are removed by the next
   load or save; a set of models (PPO's policy/ + value/) switches as a whole; kept files survive the swap;
@@ -408,3 +413,134 @@ def test_training_state_errors(tmp_path, make_model):
     (tmp_path / checkpoint.STATE_TENSORS).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{broken")
     with pytest.raises(ValueError, match=re.escape(checkpoint.STATE_TENSORS)):
         checkpoint.load_training_state(tmp_path, torch.optim.AdamW(model.parameters()))
+
+
+# ----------------------------------------------------------------------------- fault classes at load time
+# Each case damages a saved tiny checkpoint one way; loading must raise a one-line ValueError whose message
+# names the file and contains `match` (the tensor, field or reason). The old loader let every one of these
+# through, as a traceback at load or first forward, or silently.
+
+def truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+TENSOR_FAULTS = {   # id: (edit of the single-file checkpoint directory, load dtype, match)
+    "truncated-file": (lambda d: truncate(d / "model.safetensors"), torch.float32, "damaged"),
+    "garbage-file": (lambda d: (d / "model.safetensors").write_bytes(b"\xff" * 64), torch.float32,
+                     "damaged"),
+    "int-tensor": (lambda d: rewrite_tensors(d, lambda t: t.update(
+        {"model.norm.weight": t["model.norm.weight"].to(torch.int32)})), torch.float32,
+        "'model.norm.weight' has dtype torch.int32"),
+    "bool-tensor": (lambda d: rewrite_tensors(d, lambda t: t.update(
+        {"lm_head.weight": t["lm_head.weight"] > 0})), torch.float32, "'lm_head.weight' has dtype torch.bool"),
+    "nan-weight": (lambda d: rewrite_tensors(d, lambda t: t["model.layers.0.mlp.up_proj.weight"].view(-1)
+                                             .__setitem__(5, float("nan"))), torch.float32,
+                   "'model.layers.0.mlp.up_proj.weight' has 1 NaN"),
+    "inf-weight": (lambda d: rewrite_tensors(d, lambda t: t["model.embed_tokens.weight"].view(-1)
+                                             .__setitem__(0, float("-inf"))), torch.float32,
+                   "'model.embed_tokens.weight' has 0 NaN and 1 inf"),
+    "inf-after-cast": (lambda d: rewrite_tensors(d, lambda t: t["model.norm.weight"].view(-1)
+                                                 .__setitem__(0, 1e6)), torch.float16,
+                       "'model.norm.weight' has 0 NaN and 1 inf values as torch.float16"),
+}
+
+
+@pytest.mark.parametrize("fault", list(TENSOR_FAULTS))
+def test_tensor_faults(saved, fault):
+    path, _ = saved
+    edit, dtype, match = TENSOR_FAULTS[fault]
+    edit(path)
+    with pytest.raises(ValueError, match=re.escape(match)) as e:
+        LLaMA.from_pretrained(path, dtype=dtype)
+    assert str(e.value).startswith(str(path / "model.safetensors")) and "\n" not in str(e.value)
+
+
+INDEX = "model.safetensors.index.json"
+
+
+def edit_index(d, name, shard):
+    """Points tensor `name` at `shard` in the index; returns the index (the file the error names)."""
+    index = json.loads((d / INDEX).read_text())
+    index["weight_map"][name] = shard
+    (d / INDEX).write_text(json.dumps(index))
+    return INDEX
+
+
+def shard_of(d, name):
+    return json.loads((d / INDEX).read_text())["weight_map"][name]
+
+
+def truncate_shard(d):
+    shard = shard_of(d, "model.layers.0.self_attn.q_proj.weight")
+    truncate(d / shard)
+    return shard
+
+
+INDEX_FAULTS = {    # id: (edit of a sharded checkpoint dir returning the file the error names, match)
+    "dotdot-path": (lambda d: edit_index(d, "model.norm.weight", "../x.safetensors"),
+                    "'../x.safetensors' is outside"),
+    "absolute-path": (lambda d: edit_index(d, "model.norm.weight", "/etc/passwd"),
+                      "'/etc/passwd' is outside"),
+    "tensor-not-in-shard": (lambda d: edit_index(d, "model.norm.weight", shard_of(d, "lm_head.weight"))
+                            and shard_of(d, "lm_head.weight"),
+                            "'model.norm.weight' listed in the shard index is not in this file"),
+    "truncated-shard": (truncate_shard, "damaged"),
+}
+
+
+@pytest.mark.parametrize("fault", list(INDEX_FAULTS))
+def test_index_faults(tmp_path, make_model, fault):
+    """Sharded checkpoints: index entries outside the directory are refused before any file is opened."""
+    ckpt = tmp_path / "ckpt"
+    make_model().save_pretrained(ckpt, max_shard_size=20_000)
+    outside = tmp_path / "x.safetensors"             # what the `../` entry would have read
+    save_file({"model.norm.weight": torch.ones(32)}, outside)
+    edit, match = INDEX_FAULTS[fault]
+    file = edit(ckpt)
+    with pytest.raises(ValueError, match=re.escape(match)) as e:
+        LLaMA.from_pretrained(ckpt)
+    assert str(e.value).startswith(str(ckpt / file)) and "\n" not in str(e.value)
+
+
+LLAMA3_NO_FACTOR = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 64}
+CONFIG_FAULTS = {   # id: (config.json fields, match)
+    "string-int": ({"vocab_size": "97"}, "'vocab_size' is '97', expected a positive integer"),
+    "float-int": ({"hidden_size": 32.0}, "'hidden_size' is 32.0, expected a positive integer"),
+    "null-int": ({"num_hidden_layers": None}, "'num_hidden_layers' is None"),
+    "bool-int": ({"intermediate_size": True}, "'intermediate_size' is True"),
+    "zero-int": ({"max_position_embeddings": 0}, "'max_position_embeddings' is 0"),
+    "negative-int": ({"num_attention_heads": -4}, "'num_attention_heads' is -4"),
+    "zero-kv-heads": ({"num_key_value_heads": 0}, "'num_key_value_heads' is 0"),
+    "kv-heads-not-dividing": ({"num_key_value_heads": 3}, "'num_key_value_heads' is 3, expected a divisor"),
+    "hidden-not-divisible": ({"hidden_size": 30, "head_dim": None}, "'hidden_size' is 30, expected a multiple"),
+    "odd-head-dim": ({"head_dim": 7}, "'head_dim' is 7, expected an even number"),
+    "zero-eps": ({"rms_norm_eps": 0}, "'rms_norm_eps' is 0"),
+    "string-theta": ({"rope_theta": "10000"}, "'rope_theta' is '10000'"),
+    "string-bool": ({"tie_word_embeddings": "false"}, "'tie_word_embeddings' is 'false'"),
+    "string-eos": ({"eos_token_id": "2"}, "'eos_token_id' is '2'"),
+    "llama3-without-factor": ({"rope_scaling": LLAMA3_NO_FACTOR}, "'rope_scaling.factor' is None"),
+    "llama3-zero-factor": ({"rope_scaling": {**LLAMA3_NO_FACTOR, "factor": 0}}, "'rope_scaling.factor' is 0"),
+    "llama3-equal-bands": ({"rope_scaling": {**LLAMA3_NO_FACTOR, "factor": 8.0, "high_freq_factor": 1.0}},
+                           "'rope_scaling.high_freq_factor' is 1.0"),
+    "rope-not-object": ({"rope_scaling": "linear"}, "'rope_scaling' is 'linear'"),
+    "gelu": ({"hidden_act": "gelu"}, "'hidden_act' is 'gelu'"),
+}
+
+
+@pytest.mark.parametrize("fault", list(CONFIG_FAULTS))
+def test_config_faults(saved, fault):
+    path, _ = saved
+    changes, match = CONFIG_FAULTS[fault]
+    (path / "config.json").write_text(json.dumps({**json.loads((path / "config.json").read_text()),
+                                                  **changes}))
+    with pytest.raises(ValueError, match=re.escape(match)) as e:
+        LLaMA.from_pretrained(path)
+    assert str(e.value).startswith(str(path / "config.json")) and "\n" not in str(e.value)
+
+
+def test_config_not_an_object(saved):
+    path, _ = saved
+    (path / "config.json").write_text("[1, 2]")
+    load_error(path, "config.json: expected a JSON object")
