@@ -16,6 +16,7 @@ Run:
   torchrun --nproc_per_node=2 train.py --stage pm --run-name toy   # any stage, data-parallel (gloo on CPU)
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -25,13 +26,14 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from nanorlcd import dist, toy
+from nanorlcd import checkpoint, dist, toy
 from nanorlcd.data import load_prompts, read_records, read_sft_data
+from nanorlcd.dialogue import HUMAN, cut_reply
 from nanorlcd.model import LLaMA
 from nanorlcd.pm import PMConfig, PreferenceModel, human_agreement, oracle_accuracy, train_pm
-from nanorlcd.ppo import PPOConfig, check_config as check_ppo_config, response_logits, response_logprobs, train_ppo
+from nanorlcd.ppo import PPOConfig, check_config as check_ppo_config, train_ppo
 from nanorlcd.rlcd import METHODS, RLCDConfig, simulate
-from nanorlcd.dialogue import HUMAN, cut_reply
+from nanorlcd.rollout import response_logits, response_logprobs
 from nanorlcd.sample import filter_logits, generate
 from nanorlcd.sft import SFTConfig, train_lm
 from nanorlcd.tokenizer import Tokenizer, left_pad
@@ -181,6 +183,19 @@ class Run:
         return LLaMA.from_pretrained(self.base, device=dist.device()), Tokenizer(self.base)
 
 
+@contextlib.contextmanager
+def built_aside(out):
+    """The directory a stage writes its output into: a fresh sibling of `out` that replaces it as a whole only
+    when the stage succeeds, so a failed or killed run leaves the previous result untouched (rank 0 writes;
+    the other ranks write nothing and get `out` itself)."""
+    if dist.is_main():
+        with checkpoint.atomic_dir(out) as tmp:
+            yield tmp
+    else:
+        yield out
+    dist.barrier()
+
+
 # ----------------------------------------------------------------------------- stages
 
 def stage_pretrain(run):
@@ -232,7 +247,8 @@ def stage_pm(run, method):
     run.need(os.path.join(run.base, "config.json"), "pretrain")
     prefs = run.need(run.prefs(method), "simulate", f" --method {method}")
     out = run.fresh(os.path.join(run.dir, f"pm-{method}"))
-    summary = train_pm(run.p.pm, run.base, prefs, out)
+    with built_aside(out) as tmp:
+        summary = train_pm(run.p.pm, run.base, prefs, tmp)
     if run.p.toy:
         summary.update(pm_oracle_accuracy(run, out))
     if run.args.hh_eval:
@@ -271,10 +287,9 @@ def stage_sft(run):
     model, tok = run.base_model()
     examples = read_sft_data(data)          # (plain prompt, o+); tokenize_example adds the one seam space
     n_val = max(1, len(examples) // 20)
-    if dist.is_main():
-        os.makedirs(out, exist_ok=True)
-    summary = train_lm(run.p.sft, model.train(), tok, examples[:-n_val], examples[-n_val:], out_dir=out,
-                       log_path=os.path.join(out, "log.jsonl"))
+    with built_aside(out) as tmp:
+        summary = train_lm(run.p.sft, model.train(), tok, examples[:-n_val], examples[-n_val:],
+                           out_dir=tmp, log_path=os.path.join(tmp, "log.jsonl"))
     _summarise(run, "sft", summary)
     return summary
 
@@ -286,7 +301,8 @@ def stage_ppo(run, method):
     policy, tok = run.base_model()
     pm = PreferenceModel.from_pretrained(pm_dir, device=dist.device())
     prompts = run.prompts(run.args.prompts or run.p.prompts, "--prompts")
-    summary = train_ppo(run.p.ppo, policy.train(), None, pm, None, tok, prompts, out)
+    with built_aside(out) as tmp:
+        summary = train_ppo(run.p.ppo, policy.train(), None, pm, None, tok, prompts, tmp)
     _summarise(run, f"ppo-{method}", summary)
     return summary
 

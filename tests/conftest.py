@@ -95,3 +95,8 @@ def tiny_tokenizer_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_tokenizer") / "tokenizer.model"
     path.write_bytes(model.getvalue())
     return str(path)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Notebook executions run last: unit tests first, so a broken module shows up as itself."""
+    items.sort(key=lambda item: item.get_closest_marker("notebook") is not None)
