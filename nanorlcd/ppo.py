@@ -238,8 +238,9 @@ def check_config(cfg, world):
 
 # ----------------------------------------------------------------------------- numeric guards
 
-class Diverged(RuntimeError):
-    """Training produced a non-finite or out-of-bounds quantity; the run stops and saves nothing."""
+class Diverged(FloatingPointError):
+    """Training produced a non-finite or out-of-bounds quantity; the run stops and saves nothing.
+    A FloatingPointError, like the SFT and PM stages' non-finite stops."""
 
 
 def check_finite_rollout(step, rollout):
@@ -252,8 +253,8 @@ def check_finite_rollout(step, rollout):
     bad = dist.all_reduce_sum(torch.stack(counts))
     for name, count in zip(quantities, bad.tolist()):
         if count:
-            raise Diverged(f"ppo step {step}: {name} is non-finite on {int(count)} rollout entries "
-                           f"(expected finite; nothing saved)")
+            raise Diverged(f"ppo: step {step}: {name} is non-finite on {int(count)} rollout "
+                           "entries (expected finite; nothing saved)")
 
 
 def check_stats(step, stats, cfg):
@@ -261,12 +262,13 @@ def check_stats(step, stats, cfg):
     are all-reduced, so every rank takes the same decision."""
     for name, value in stats.items():
         if not math.isfinite(value):
-            raise Diverged(f"ppo step {step}: {name} is {value} (expected finite; nothing saved)")
+            raise Diverged(f"ppo: step {step}: {name} is {value} (expected finite; nothing "
+                           "saved)")
     bounds = {"objective/kl": ("max_kl", cfg.max_kl),
               "policy/approx_kl": ("max_approx_kl", cfg.max_approx_kl)}
     for name, (field, limit) in bounds.items():
         if limit is not None and name in stats and stats[name] > limit:
-            raise Diverged(f"ppo step {step}: {name} = {stats[name]:.4g} exceeds "
+            raise Diverged(f"ppo: step {step}: {name} = {stats[name]:.4g} exceeds "
                            f"PPOConfig.{field} = "
                            f"{limit} (lower lr or raise kl_coef; nothing saved)")
 
@@ -275,7 +277,7 @@ def check_finite_weights(step, module):
     """Stop before a non-finite policy or value could be sampled from or saved."""
     for name, p in module.named_parameters():
         if not torch.isfinite(p).all():
-            raise Diverged(f"ppo step {step}: weight {name} is non-finite (nothing saved)")
+            raise Diverged(f"ppo: step {step}: weight {name} is non-finite (nothing saved)")
 
 
 # ----------------------------------------------------------------------------- one PPO step

@@ -52,7 +52,7 @@ class Rollout:
     # (N, R) float32, the sampler's log-probs (KV cache): should equal logprobs
     gen_logprobs: torch.Tensor
     pm_scores: torch.Tensor       # (N,) float32, the PM's score of prompt + reply
-    scores: torch.Tensor          # (N,) float32, pm_scores, or the penalty where the reply never ended
+    scores: torch.Tensor          # (N,) float32, pm_scores, or the penalty if the reply never ended
     # (N,) bool, the reply ended (EOS or the next human turn) in max_new_tokens
     finished: torch.Tensor
     prompts: list                 # N prompt texts

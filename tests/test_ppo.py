@@ -302,8 +302,8 @@ def test_ppo_step_trains_and_writes_checkpoints(tiny, tmp_path):
 
 
 def test_failed_save_keeps_the_previous_set(tiny, tmp_path, monkeypatch):
-    """policy/ and value/ switch as one set: a save that dies after writing policy/ leaves the previous
-    run's policy/ and value/ in place, and no temporary directory behind."""
+    """policy/ and value/ switch as one set: a save that dies after writing policy/ leaves the
+    previous run's policy/ and value/ in place, and no temporary directory behind."""
     tok, policy, pm = tiny
     out = tmp_path / "run" / "ppo"
     train_ppo(small_cfg(), copy.deepcopy(policy), None, pm, None, tok, PROMPTS, str(out))
@@ -366,7 +366,7 @@ def assert_nothing_saved(out):
 def test_nan_pm_stops_at_step_one(tiny, tmp_path):
     tok, policy, pm = tiny
     out = tmp_path / "ppo"
-    with pytest.raises(Diverged, match=r"^ppo step 1: PM score is non-finite on 8 rollout entries"):
+    with pytest.raises(Diverged, match=r"^ppo: step 1: PM score is non-finite on 8 rollout "):
         train_ppo(small_cfg(), policy, None, NaNPM(), make_value_model(pm), tok, PROMPTS, str(out))
     assert_nothing_saved(out)
 
@@ -377,7 +377,7 @@ def test_huge_lr_stops_before_saving(tiny, tmp_path):
     tok, policy, pm = tiny
     out = tmp_path / "ppo"
     cfg = small_cfg(lr=1.0, steps=3, ppo_epochs=2)
-    with pytest.raises(Diverged, match=r"^ppo step \d+: ") as err:
+    with pytest.raises(Diverged, match=r"^ppo: step \d+: ") as err:
         train_ppo(cfg, policy, None, pm, None, tok, PROMPTS, str(out))
     assert "\n" not in str(err.value)
     assert_nothing_saved(out)
@@ -394,6 +394,7 @@ def test_kl_bounds_stop_the_run(tiny, tmp_path, bound, quantity):
         ref.lm_head.weight.mul_(0.5)
     out = tmp_path / "ppo"
     cfg = small_cfg(lr=1e-2, **{bound: 1e-9})
-    with pytest.raises(Diverged, match=rf"^ppo step 1: {quantity} = \S+ exceeds PPOConfig.{bound}"):
+    message = rf"^ppo: step 1: {quantity} = \S+ exceeds PPOConfig.{bound}"
+    with pytest.raises(Diverged, match=message):
         train_ppo(cfg, policy, ref, pm, None, tok, PROMPTS, str(out))
     assert_nothing_saved(out)

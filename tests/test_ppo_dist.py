@@ -7,8 +7,8 @@ rank (8 rows whose responses are long on rank 0's rows and short on rank 1's, so
 normaliser would differ), takes this rank's rows (`dist.shard`), and runs two PPO epochs of one
 minibatch each. The final weights and the logged loss, grad norm and approx_kl must agree with the
 1-process run within 1e-5.
-Run: `python -m pytest tests/test_ppo_dist.py -q -m slow` (three torchrun processes start: about 30 s
-on an idle 2-core machine, minutes on a loaded one).
+Run: `python -m pytest tests/test_ppo_dist.py -q` (marked slow: three torchrun processes start;
+2 min measured on a shared, loaded 2-core machine).
 """
 import json
 
