@@ -1,18 +1,18 @@
 """One-GPU check of what the CPU tests cannot show: speed, bf16 and peak memory (under 10 minutes).
 
-Prints one markdown table:
-  1. copy bandwidth (read + write bytes per second of a large tensor copy), the memory-bandwidth limit below;
-  2. bf16 greedy decoding of a randomly initialised LLaMA-7B-shaped model with the KV cache at batch 1 and 32:
-     tokens/s and the % of the bandwidth limit (each step must read every weight and the cached keys/values);
-  3. forward + backward + AdamW of a ~1B model (TinyLlama's shape) under `dist.shard_model` with bf16 mixed
-     precision, without and with activation checkpointing: tokens/s, MFU (model FLOPs 6 x params x tokens plus
-     causal attention, over the GPU's dense bf16 peak) and peak memory against bench/memory.py's estimate;
-  4. one PPO-style step of a small model with all four models sharded (`shard_model` on a 1-rank mesh): a
-     rollout under `dist.unsharded`, PM and reference scoring, a clipped policy + value update; peak memory.
+Prints one markdown table: 1. copy bandwidth (read + write bytes per second of a large tensor copy),
+the memory-bandwidth limit below; 2. bf16 greedy decoding of a randomly initialised LLaMA-7B-shaped
+model with the KV cache at batch 1 and 32: tokens/s and the % of the bandwidth limit (each step must
+read every weight and the cached keys/values); 3. forward + backward + AdamW of a ~1B model
+(TinyLlama's shape) under `dist.shard_model` with bf16 mixed precision, without and with activation
+checkpointing: tokens/s, MFU (model FLOPs 6 x params x tokens plus causal attention, over the GPU's
+dense bf16 peak) and peak memory against bench/memory.py's estimate; 4. one PPO-style step of a
+small model with all four models sharded (`shard_model` on a 1-rank mesh): a rollout under
+`dist.unsharded`, PM and reference scoring, a clipped policy + value update; peak memory.
 Simplified: random weights (speed and memory do not depend on them), no tokenizer, one process.
-Run: `python bench/gpu_check.py` on a GPU; `python bench/gpu_check.py --tiny` runs the same code on tiny shapes
-on the CPU in seconds (tests/test_dist.py does, so the script keeps working). `--peak-tflops` sets the bf16
-peak for MFU when the GPU's name is not in PEAK_TFLOPS.
+Run: `python bench/gpu_check.py` on a GPU; `python bench/gpu_check.py --tiny` runs the same code on
+tiny shapes on the CPU in seconds (tests/test_dist.py does, so the script keeps working).
+`--peak-tflops` sets the bf16 peak for MFU when the GPU's name is not in PEAK_TFLOPS.
 """
 import argparse
 import os
@@ -31,11 +31,12 @@ from nanorlcd.model import LLaMA, LLaMAConfig  # noqa: E402
 from nanorlcd.pm import PreferenceModel  # noqa: E402
 from nanorlcd.sample import generate  # noqa: E402
 
-# Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, matched against the device name.
-PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "L4": 121, "A10G": 70, "A10": 125,
-               "RTX 4090": 165, "RTX 3090": 71}
-TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=512)
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets; the first key
+# contained in the device name wins, so longer names come first.
+PEAK_TFLOPS = {"H200": 989, "H100 PCIe": 756, "H100": 989, "A100": 312, "L40S": 362, "L4": 121,
+               "RTX 4090": 165}
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
 
 
 def sync(device):
@@ -62,7 +63,7 @@ def reset_peak(device):
 
 
 def peak_gb(device):
-    """Peak GB allocated by torch on the GPU since reset_peak; None on the CPU (not measured there)."""
+    """Peak GB allocated by torch on the GPU since reset_peak; None on the CPU (not measured)."""
     return torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
 
 
@@ -71,7 +72,7 @@ def fmt(x, spec):
 
 
 def random_model(cls, fields, device, dtype):
-    """A model of random weights built directly on `device` in `dtype` (no fp32 copy of a 7B model first)."""
+    """A model of random weights built directly on `device` in `dtype` (no fp32 7B copy first)."""
     with torch.device("meta"):
         model = cls(LLaMAConfig(**fields)).to(dtype)
     model.to_empty(device=device)
@@ -94,37 +95,44 @@ def copy_bandwidth(device, nbytes):
 
 def decode(fields, device, batch, prompt_len, new_tokens, bandwidth):
     """bf16 cached greedy decoding: (tokens/s, % of the bandwidth limit, peak GB)."""
-    model = random_model(LLaMA, fields, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    model.eval()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = random_model(LLaMA, fields, device, dtype).eval()
     cfg = model.config
     gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, cfg.vocab_size, (prompt_len,), generator=gen).tolist() for _ in range(batch)]
+    prompts = [torch.randint(3, cfg.vocab_size, (prompt_len,), generator=gen).tolist()
+               for _ in range(batch)]
     reset_peak(device)
     warm = device.type == "cuda"
-    prefill = timed(lambda: generate(model, prompts, 1, temperature=0, eos_id=[]), device, warmup=warm)
-    total = timed(lambda: generate(model, prompts, new_tokens, temperature=0, eos_id=[]), device, warmup=warm)
+    run = lambda n: generate(model, prompts, n, temperature=0, eos_id=[])   # noqa: E731
+    prefill = timed(lambda: run(1), device, warmup=warm)
+    total = timed(lambda: run(new_tokens), device, warmup=warm)
     per_step = (total - prefill) / (new_tokens - 1)
-    # bytes one decoding step must read: every weight, and the keys/values cached so far (mean length)
+    # bytes one decoding step must read: every weight, and the keys/values cached so far (mean
+    # length)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2 * batch * (prompt_len + new_tokens / 2)
-    limit = (weights + kv) / bandwidth                              # seconds per step at full bandwidth
+    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2
+    kv = kv_per_token * batch * (prompt_len + new_tokens / 2)
+    limit = (weights + kv) / bandwidth                   # seconds per step at full bandwidth
     peak = peak_gb(device)
     del model
     return batch / per_step, 100 * limit / per_step, peak
 
 
 def flops_per_token(cfg):
-    """Training FLOPs per token: 6 x (non-embedding params + LM head) for the matmuls, plus causal attention
-    (QK^T and AV, forward and backward: 6 x layers x hidden x seq, halved by the causal mask)."""
+    """Training FLOPs per token: 6 x (non-embedding params + LM head) for the matmuls, plus causal
+    attention (QK^T and AV, forward and backward: 6 x layers x hidden x seq, halved by the causal
+    mask)."""
     matmul = param_count(cfg) - cfg.vocab_size * cfg.hidden_size
     return lambda seq: 6 * matmul + 6 * cfg.num_hidden_layers * cfg.hidden_size * seq
 
 
 def train_step(fields, device, rows, seq, ac, peak_tflops):
-    """fwd + bwd + AdamW under shard_model (bf16 on CUDA): (tokens/s, MFU %, peak GB, predicted GB)."""
+    """fwd + bwd + AdamW under shard_model (bf16 on CUDA) -> (tokens/s, MFU %, peak GB,
+    predicted GB)."""
     cfg = LLaMAConfig(**fields)
     model = random_model(LLaMA, fields, device, torch.float32).train()
-    dist.shard_model(model, mixed_precision="bf16" if device.type == "cuda" else None, activation_checkpointing=ac)
+    dist.shard_model(model, mixed_precision="bf16" if device.type == "cuda" else None,
+                     activation_checkpointing=ac)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     ids = torch.randint(3, cfg.vocab_size, (rows, seq + 1), device=device)
 
@@ -136,9 +144,12 @@ def train_step(fields, device, rows, seq, ac, peak_tflops):
         opt.zero_grad(set_to_none=True)
 
     reset_peak(device)
-    seconds = timed(step, device, repeats=3 if device.type == "cuda" else 1, warmup=device.type == "cuda")
+    gpu = device.type == "cuda"
+    seconds = timed(step, device, repeats=3 if gpu else 1, warmup=gpu)
     tokens = rows * seq
-    mfu = 100 * flops_per_token(cfg)(seq) * tokens / seconds / (peak_tflops * 1e12) if peak_tflops else None
+    mfu = None
+    if peak_tflops:
+        mfu = 100 * flops_per_token(cfg)(seq) * tokens / seconds / (peak_tflops * 1e12)
     predicted = sum(stage_bytes(cfg, "sft", 1, ac, work=(rows, seq)).values()) / 1e9
     peak = peak_gb(device)
     del model, opt
@@ -152,17 +163,19 @@ def ppo_step(fields, device, rows, prompt_len, new_tokens):
                               mixed_precision="bf16" if device.type == "cuda" else None)
     value = dist.shard_model(random_model(PreferenceModel, fields, device, torch.float32).train(),
                              mixed_precision="bf16" if device.type == "cuda" else None)
-    ref = dist.shard_model(random_model(LLaMA, fields, device, bf16).eval())      # frozen: bf16 shards
+    ref = dist.shard_model(random_model(LLaMA, fields, device, bf16).eval())    # frozen: bf16
     pm = dist.shard_model(random_model(PreferenceModel, fields, device, bf16).eval())
     opt = torch.optim.AdamW(list(policy.parameters()) + list(value.parameters()), lr=1e-6)
     gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, fields["vocab_size"], (prompt_len,), generator=gen).tolist() for _ in range(rows)]
+    prompts = [torch.randint(3, fields["vocab_size"], (prompt_len,), generator=gen).tolist()
+               for _ in range(rows)]
 
     def step():
         policy.eval()
-        with torch.no_grad(), dist.unsharded(policy):                # one all-gather for the whole rollout
+        with torch.no_grad(), dist.unsharded(policy):        # one all-gather for the whole rollout
             out = generate(policy, prompts, new_tokens, temperature=1.0, eos_id=[])
-        ids = torch.cat([torch.tensor(prompts, device=device), out.response_ids], dim=1)   # (B, P + R)
+        prompt_ids = torch.tensor(prompts, device=device)                          # (B, P)
+        ids = torch.cat([prompt_ids, out.response_ids], dim=1)                    # (B, P + R)
         with torch.no_grad():
             score = pm(ids)                                                                 # (B,)
             ref_logp = torch.log_softmax(ref(ids)[:, prompt_len - 1:-1].float(), -1)
@@ -173,7 +186,7 @@ def ppo_step(fields, device, rows, prompt_len, new_tokens):
         advantage = (score[:, None] - 0.1 * (out.logprobs - ref_logp)).detach()
         ratio = torch.exp(logp - out.logprobs)
         loss = -torch.min(ratio * advantage, ratio.clamp(0.8, 1.2) * advantage).mean()
-        loss = loss + 0.1 * (value(ids) - score).pow(2).mean()       # a stand-in value target: the score
+        loss = loss + 0.1 * (value(ids) - score).pow(2).mean()    # a stand-in value target: score
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -205,27 +218,34 @@ def main(argv=None):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     elif not args.tiny:
-        raise SystemExit("bench/gpu_check.py: no CUDA device; run with --tiny for the CPU smoke run")
+        raise SystemExit("bench/gpu_check.py: no CUDA device; --tiny runs the CPU smoke test")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     init_single_process()
-    big, mid, small = (TINY, TINY, TINY) if args.tiny else \
-        (MODELS["llama-7b"], MODELS["llama-1b"], {**MODELS["llama-1b"], "num_hidden_layers": 4})
+    # (decode model, prompt and new tokens), (train model, rows x tokens), (PPO model, rows, P, R)
+    if args.tiny:
+        decode_shape, train_shape, ppo_shape = (TINY, 8, 8), (TINY, 2, 16), (TINY, 4, 8, 8)
+    else:
+        small = {**MODELS["llama-1b"], "num_hidden_layers": 4}
+        decode_shape, train_shape = (MODELS["llama-7b"], 128, 64), (MODELS["llama-1b"], 4, 512)
+        ppo_shape = (small, 16, 64, 64)
     rows = []
     bandwidth = copy_bandwidth(device, 2**24 if args.tiny else 2**31)
     rows.append(("copy bandwidth", "", f"{bandwidth / 1e9:.0f} GB/s", "", ""))
+    dtype = "bf16" if device.type == "cuda" else "fp32"
     for batch in (1, 32):
-        tps, pct, mem = decode(big, device, batch, 8 if args.tiny else 128, 8 if args.tiny else 64,
-                               bandwidth)
-        rows.append((f"decode {'bf16' if device.type == 'cuda' else 'fp32'}, batch {batch}", "7B shape" if not args.tiny else "tiny",
+        fields, prompt_len, new_tokens = decode_shape
+        tps, pct, mem = decode(fields, device, batch, prompt_len, new_tokens, bandwidth)
+        rows.append((f"decode {dtype}, batch {batch}", "tiny" if args.tiny else "7B shape",
                      f"{tps:.0f} tok/s", f"{pct:.0f} % of bandwidth limit", fmt(mem, ".1f")))
     for ac in (False, True):
-        r, s = (2, 16) if args.tiny else (4, 512)
-        tps, mfu, mem, pred = train_step(mid, device, r, s, ac, peak)
-        rows.append((f"fwd+bwd+AdamW {'with' if ac else 'no'} AC", f"{r} x {s} tokens", f"{tps:.0f} tok/s",
-                     f"MFU {fmt(mfu, '.0f')} %", f"{fmt(mem, '.1f')} (predicted {pred:.2f})"))
-    seconds, mem = ppo_step(small, device, 4 if args.tiny else 16, 8 if args.tiny else 64, 8 if args.tiny else 64)
-    rows.append(("PPO step, 4 sharded models", f"{'tiny' if args.tiny else '1B shape, 4 layers'}",
+        fields, r, t = train_shape
+        tps, mfu, mem, pred = train_step(fields, device, r, t, ac, peak)
+        rows.append((f"fwd+bwd+AdamW {'with' if ac else 'no'} AC", f"{r} x {t} tokens",
+                     f"{tps:.0f} tok/s", "MFU n/a" if mfu is None else f"MFU {mfu:.0f} %",
+                     f"{fmt(mem, '.1f')} (predicted {pred:.2f})"))
+    seconds, mem = ppo_step(*ppo_shape[:1], device, *ppo_shape[1:])
+    rows.append(("PPO step, 4 sharded models", "tiny" if args.tiny else "1B shape, 4 layers",
                  f"{seconds:.2f} s", "", fmt(mem, ".1f")))
     print(f"device: {name}; bf16 peak {peak or 'unknown'} TFLOP/s; torch {torch.__version__}")
     print("| check | shape | speed | efficiency | peak GB |")

@@ -1,12 +1,13 @@
 """torch.distributed glue: one process by default; DDP, FSDP2 or hybrid FSDP2 under torchrun.
 
-Implements: process-group setup from torchrun's RANK / WORLD_SIZE / LOCAL_RANK (nccl on CUDA, gloo on CPU) with
-a collective timeout, rank-0 printing, strided sharding of work with an order-preserving gather, metric
-all-reduce, and the wrappers of a model: DDP (every rank holds everything), FSDP2 `fully_shard` (each decoder
-block, then the root: parameters, gradients and AdamW states split over ranks, as the paper's 7B runs did with
-FSDP on 8 GPUs), or hybrid sharding on a 2-D mesh (replicate across nodes, shard within one). Also: bf16 mixed
-precision (fp32 master weights and reductions), per-block activation checkpointing, a context that keeps
-policies unsharded for a whole rollout, and full-state-dict gathering / broadcast loading for checkpoints.
+Implements: process-group setup from torchrun's RANK / WORLD_SIZE / LOCAL_RANK (nccl on CUDA, gloo
+on CPU) with a collective timeout, rank-0 printing, strided sharding of work with an
+order-preserving gather, metric all-reduce, and the wrappers of a model: DDP (every rank holds
+everything), FSDP2 `fully_shard` (each decoder block, then the root: parameters, gradients and AdamW
+states split over ranks, as the paper's 7B runs did with FSDP on 8 GPUs), or hybrid sharding on a
+2-D mesh (replicate across nodes, shard within one). Also: bf16 mixed precision (fp32 master weights
+and reductions), per-block activation checkpointing, a context that keeps policies unsharded for a
+whole rollout, and full-state-dict gathering / broadcast loading for checkpoints.
 Simplified: no tensor or pipeline parallelism, no CPU offload of parameters or optimizer states.
 Run: `torchrun --nproc_per_node=2 train.py ...`; plain `python train.py ...` is world size 1.
 """
@@ -26,8 +27,9 @@ from torch.utils.checkpoint import checkpoint
 
 from nanorlcd.model import Block, KVCache, load_config
 
-# Collective timeout: how long a rank waits for the others before it fails (gloo's own default is 30 minutes,
-# so one stopped rank used to hang the whole job that long). Override with init(timeout_s=...) or this variable.
+# Collective timeout: how long a rank waits for the others before it fails (gloo's own default is 30
+# minutes, so one stopped rank used to hang the whole job that long). Override with
+# init(timeout_s=...) or this variable.
 TIMEOUT_ENV = "NANORLCD_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 600
 
@@ -38,13 +40,15 @@ def is_distributed():
 
 
 def init(timeout_s=None):
-    """Join the process group if launched by torchrun; returns (rank, world_size, device). Idempotent.
-    timeout_s: seconds any collective may wait for the other ranks (default: $NANORLCD_DIST_TIMEOUT or 600)."""
+    """Join the process group if launched by torchrun; returns (rank, world_size, device).
+    Idempotent. timeout_s: seconds any collective may wait for the other ranks (default:
+    $NANORLCD_DIST_TIMEOUT or 600)."""
     if is_distributed() and not torch_dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        torch_dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout(timeout_s)))
+        limit = datetime.timedelta(seconds=timeout(timeout_s))
+        torch_dist.init_process_group(backend=backend, timeout=limit)
     return rank(), world_size(), device()
 
 
@@ -56,7 +60,8 @@ def timeout(timeout_s=None):
     except ValueError:
         value = -1.0
     if not value > 0:
-        raise ValueError(f"{TIMEOUT_ENV} / timeout_s: {value!r}, expected a positive number of seconds")
+        raise ValueError(f"{TIMEOUT_ENV} / timeout_s: {value!r}, expected a positive number of "
+                         "seconds")
     return value
 
 
@@ -92,9 +97,10 @@ def print0(*args, **kwargs):
 
 
 def barrier(what="barrier", timeout_s=None):
-    """Wait for every rank. On gloo a rank that does not arrive within the timeout fails the others with an error
-    naming this rank, `what` it waited for and the missing rank(s) (monitored_barrier); NCCL's watchdog aborts a
-    stuck collective after the process group's timeout."""
+    """Wait for every rank. On gloo a rank that does not arrive within the timeout fails the others
+    with an error naming this rank, `what` it waited for and the missing rank(s)
+    (monitored_barrier); NCCL's watchdog aborts a stuck collective after the process group's
+    timeout."""
     if not torch_dist.is_initialized():
         return
     if torch_dist.get_backend() != "gloo":
@@ -105,12 +111,12 @@ def barrier(what="barrier", timeout_s=None):
                                      wait_all_ranks=True)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
-        raise RuntimeError(f"rank {rank()}: timed out after {timeout(timeout_s):g} s waiting for the other "
-                           f"ranks at '{what}': {first}") from None
+        raise RuntimeError(f"rank {rank()}: timed out after {timeout(timeout_s):g} s waiting for "
+                           f"the other ranks at '{what}': {first}") from None
 
 
 def shard(items):
-    """This rank's share of a list: items[rank::world_size] (balanced; `gather` restores the order)."""
+    """This rank's share of a list: items[rank::world_size] (balanced; `gather` restores order)."""
     return items[rank()::world_size()]
 
 
@@ -155,25 +161,28 @@ def mesh():
 
 
 def mesh_2d(nodes, per_node):
-    """A (nodes, per_node) mesh for hybrid sharding: FSDP2 replicates over dim 0 and shards over dim 1, so the
-    per-step all-gathers and reduce-scatters stay inside a node (fast NVLink) and only one gradient all-reduce
-    per step crosses nodes. Rank r sits at (r // per_node, r % per_node), torchrun's node-major order."""
+    """A (nodes, per_node) mesh for hybrid sharding: FSDP2 replicates over dim 0 and shards over dim
+    1, so the per-step all-gathers and reduce-scatters stay inside a node (fast NVLink) and only one
+    gradient all-reduce per step crosses nodes. Rank r sits at (r // per_node, r % per_node),
+    torchrun's node-major order."""
     if nodes * per_node != world_size():
-        raise ValueError(f"mesh_2d: {nodes} nodes x {per_node} ranks per node != world size {world_size()}")
+        raise ValueError(f"mesh_2d: {nodes} nodes x {per_node} ranks per node != world size "
+                         f"{world_size()}")
     return init_device_mesh(device().type, (nodes, per_node), mesh_dim_names=("replicate", "shard"))
 
 
 def node_mesh():
-    """mesh_2d for this torchrun job: LOCAL_WORLD_SIZE ranks per node, WORLD_SIZE / LOCAL_WORLD_SIZE nodes."""
+    """mesh_2d for this torchrun job: LOCAL_WORLD_SIZE ranks per node, the rest across nodes."""
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
     return mesh_2d(world_size() // per_node, per_node)
 
 
 def checkpoint_blocks(model):
-    """Activation checkpointing per decoder block (non-reentrant): in training, each Block keeps only its input
-    and recomputes its activations in backward (at 7B about 183 KiB -> 8 KiB saved per token and layer in
-    bf16). Decoding (a KVCache argument), eval mode and no-grad forwards run the block as usual. The Block's
-    `forward` is replaced on the instance, so parameter names and checkpoints do not change."""
+    """Activation checkpointing per decoder block (non-reentrant): in training, each Block keeps
+    only its input and recomputes its activations in backward (at 7B about 183 KiB -> 8 KiB saved
+    per token and layer in bf16). Decoding (a KVCache argument), eval mode and no-grad forwards run
+    the block as usual. The Block's `forward` is replaced on the instance, so parameter names and
+    checkpoints do not change."""
     for block in model.modules():
         if isinstance(block, Block) and not hasattr(block, "_plain_forward"):
             block._plain_forward = block.forward
@@ -185,13 +194,16 @@ def _checkpointed_forward(block, *args, **kwargs):
     decoding = any(isinstance(a, KVCache) for a in list(args) + list(kwargs.values()))
     if not (block.training and torch.is_grad_enabled()) or decoding:
         return block._plain_forward(*args, **kwargs)
-    # use_reentrant=False: works with FSDP2's hooks and inputs that need no grad; no dropout, so no RNG state
-    return checkpoint(block._plain_forward, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
+    # use_reentrant=False: works with FSDP2's hooks and inputs that need no grad; no dropout, so no
+    # RNG state to preserve
+    return checkpoint(block._plain_forward, *args, use_reentrant=False, preserve_rng_state=False,
+                      **kwargs)
 
 
 def mixed_precision_policy(mixed_precision):
-    """None: fp32 throughout (the CPU reference); "bf16": bf16 weights in forward/backward, fp32 master weights
-    (the sharded parameters AdamW updates) and fp32 gradient reduction (bf16 sums would lose low bits)."""
+    """None: fp32 throughout (the CPU reference); "bf16": bf16 weights in forward/backward, fp32
+    master weights (the sharded parameters AdamW updates) and fp32 gradient reduction (bf16 sums
+    would lose low bits)."""
     if mixed_precision is None:
         return MixedPrecisionPolicy()
     if mixed_precision == "bf16":
@@ -201,14 +213,15 @@ def mixed_precision_policy(mixed_precision):
 
 def shard_model(model, mesh=None, mixed_precision=None, activation_checkpointing=False,
                 reshard_after_forward=True):
-    """FSDP2 in place: `fully_shard` each decoder Block (one all-gather / reduce-scatter unit per block), then the
-    root (embeddings, final norm, lm_head or score; a tied embedding stays one parameter). Works for LLaMA,
-    pm.PreferenceModel and any module holding Blocks, trained or frozen (a frozen model just never
-    reduce-scatters). Build the optimizer AFTER this call: the parameters become DTensor shards, and an optimizer
-    holding the old tensors would never move the weights. `copy.deepcopy` of the result is impossible: copy
-    (reference, value model) first. On one process (no process group) only activation checkpointing applies.
-    reshard_after_forward=True also reshards the root after each forward, so no forward (e.g. a no-grad eval)
-    leaves unsharded tensors registered as the root's parameters. Returns the model."""
+    """FSDP2 in place: `fully_shard` each decoder Block (one all-gather / reduce-scatter unit per
+    block), then the root (embeddings, final norm, lm_head or score; a tied embedding stays one
+    parameter). Works for LLaMA, pm.PreferenceModel and any module holding Blocks, trained or frozen
+    (a frozen model just never reduce-scatters). Build the optimizer AFTER this call: the parameters
+    become DTensor shards, and an optimizer holding the old tensors would never move the weights.
+    `copy.deepcopy` of the result is impossible: copy (reference, value model) first. On one process
+    (no process group) only activation checkpointing applies. reshard_after_forward=True also
+    reshards the root after each forward, so no forward (e.g. a no-grad eval) leaves unsharded
+    tensors registered as the root's parameters. Returns the model."""
     if activation_checkpointing:
         checkpoint_blocks(model)
     if not torch_dist.is_initialized():
@@ -227,12 +240,13 @@ def shard_model(model, mesh=None, mixed_precision=None, activation_checkpointing
 
 
 def wrap(model, strategy="ddp", mixed_precision="auto", activation_checkpointing=False):
-    """The one switch between 1 process, DDP, FSDP2 and hybrid FSDP2 (identity on one process, apart from
-    activation checkpointing). strategy: "ddp" (a trained model is replicated and its gradients all-reduced; a
-    frozen one is returned as is), "fsdp" (`shard_model` on the flat mesh), "hsdp" (`shard_model` on
-    `node_mesh()`, for torchrun --nnodes > 1). mixed_precision: "auto" = bf16 under FSDP on CUDA, else fp32
-    (DDP trains with optim.autocast instead). Build the optimizer after wrap for "fsdp" and "hsdp".
-    Unwrap DDP with `unwrap`; gather an FSDP model with `full_state_dict` / `gathered` / `save_pretrained`."""
+    """The one switch between 1 process, DDP, FSDP2 and hybrid FSDP2 (identity on one process, apart
+    from activation checkpointing). strategy: "ddp" (a trained model is replicated and its gradients
+    all-reduced; a frozen one is returned as is), "fsdp" (`shard_model` on the flat mesh), "hsdp"
+    (`shard_model` on `node_mesh()`, for torchrun --nnodes > 1). mixed_precision: "auto" = bf16
+    under FSDP on CUDA, else fp32 (DDP trains with optim.autocast instead). Build the optimizer
+    after wrap for "fsdp" and "hsdp". Unwrap DDP with `unwrap`; gather an FSDP model with
+    `full_state_dict` / `gathered` / `save_pretrained`."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy: {strategy!r}, expected one of {STRATEGIES}")
     if mixed_precision == "auto":
@@ -269,16 +283,19 @@ def reshard_all(*models):
 
 @contextlib.contextmanager
 def unsharded(*models):
-    """Keep sharded models whole for a block of no-grad work, e.g. a whole rollout: each FSDP unit is
-    all-gathered once on entry (collective: every rank enters together) and stays gathered, so the per-token
-    forwards of `sample.generate` run no collective at all (ranks may then decode different numbers of steps)
-    and calls that reach into submodules (`model.model`, `model.lm_head`) see plain tensors. Under bf16 mixed
-    precision the gathered weights are bf16, so a KV cache sized by `lm_head.weight.dtype` is bf16 too. On exit
-    everything is resharded. Pass the FSDP roots (e.g. the actor-critic, not its policy); others are ignored.
-    Costs one full bf16 copy of each model per GPU while inside."""
+    """Keep sharded models whole for a block of no-grad work, e.g. a whole rollout: each FSDP unit
+    is all-gathered once on entry (collective: every rank enters together) and stays gathered, so
+    the per-token forwards of `sample.generate` run no collective at all (ranks may then decode
+    different numbers of steps) and calls that reach into submodules (`model.model`,
+    `model.lm_head`) see plain tensors. Under bf16 mixed precision the gathered weights are bf16, so
+    a KV cache sized by `lm_head.weight.dtype` is bf16 too. On exit everything is resharded. Pass
+    the FSDP roots (e.g. the actor-critic, not its policy); others are ignored. Costs one full bf16
+    copy of each model per GPU while inside."""
     roots = [m for m in models if isinstance(m, FSDPModule)]
     for r in roots:
-        r._get_fsdp_state()._lazy_init()   # make `r` the root even if its first forward is a direct submodule call
+        # make `r` the FSDP root now: otherwise the first block called directly (sample.py calls
+        # model.model) would become a root and the later root forward would fail
+        r._get_fsdp_state()._lazy_init()
         r.set_reshard_after_forward(False)
     for m in _fsdp_modules(roots):
         m.unshard()
@@ -296,9 +313,9 @@ FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def full_state_dict(model):
-    """{name: CPU tensor} of the whole model on rank 0 ({} on the others), for the safetensors writer. Collective
-    for FSDP models (every rank must call it): each unit is all-gathered and copied to CPU in turn, so no GPU
-    ever holds the whole model."""
+    """{name: CPU tensor} of the whole model on rank 0 ({} on the others), for the safetensors
+    writer. Collective for FSDP models (every rank must call it): each unit is all-gathered and
+    copied to CPU in turn, so no GPU ever holds the whole model."""
     if isinstance(model, FSDPModule):
         return get_model_state_dict(model, options=FULL)
     if not is_main():
@@ -312,15 +329,16 @@ def _plain_class(model):
 
 
 def gathered(model):
-    """A plain (unsharded, CPU) copy of the model on rank 0 built from `full_state_dict` (None elsewhere):
-    call its `save_pretrained`. Collective. The model class must be constructible from `model.config`."""
+    """A plain (unsharded, CPU) copy of the model on rank 0 built from `full_state_dict` (None
+    elsewhere): call its `save_pretrained`. Collective. The model class must be constructible from
+    `model.config`."""
     model = unwrap(model)
     state = full_state_dict(model)
     if not is_main():
         return None
     with torch.device("meta"):
         plain = _plain_class(model)(model.config)
-    plain.load_state_dict(state, strict=False, assign=True)   # a tied lm_head may be absent: re-tied below
+    plain.load_state_dict(state, strict=False, assign=True)   # a tied lm_head may be absent: re-tie
     if getattr(plain.config, "tie_word_embeddings", False) and hasattr(plain, "lm_head"):
         plain.lm_head.weight = plain.model.embed_tokens.weight
     leftover = [n for n, p in plain.named_parameters() if p.is_meta]
@@ -330,7 +348,7 @@ def gathered(model):
 
 
 def save_pretrained(model, path, *args, **kwargs):
-    """`save_pretrained(path, ...)` of the whole model, written by rank 0 (collective for FSDP models)."""
+    """`save_pretrained(path, ...)` of the whole model, written by rank 0 (collective for FSDP)."""
     plain = gathered(model)
     if plain is not None:
         plain.save_pretrained(path, *args, **kwargs)
@@ -339,13 +357,15 @@ def save_pretrained(model, path, *args, **kwargs):
 
 def load_sharded(model, state_dict):
     """Fill a sharded model (built on the meta device, then `shard_model`/`wrap`) with rank 0's full
-    `state_dict` ({} on the other ranks): each rank receives only its shards by broadcast, so no rank but 0 ever
-    holds a full copy. Meta parameters are first materialised on this rank's device in their own dtype; the
-    broadcast then copies and casts into them (a bf16 file into an fp32 model stays fp32). Collective."""
+    `state_dict` ({} on the other ranks): each rank receives only its shards by broadcast, so no
+    rank but 0 ever holds a full copy. Meta parameters are first materialised on this rank's device
+    in their own dtype; the broadcast then copies and casts into them (a bf16 file into an fp32
+    model stays fp32). Collective."""
     if any(p.is_meta for p in model.parameters()):
         model.to_empty(device=device())
     if not isinstance(model, FSDPModule):
-        raise ValueError(f"load_sharded: {type(model).__name__} is not sharded (call shard_model first)")
+        raise ValueError(f"load_sharded: {type(model).__name__} is not sharded (call shard_model "
+                         "first)")
     set_model_state_dict(model, state_dict, options=StateDictOptions(full_state_dict=True,
                                                                      broadcast_from_rank0=True))
     if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "lm_head"):
@@ -355,8 +375,9 @@ def load_sharded(model, state_dict):
 
 def load_pretrained(cls, path, strategy="ddp", dtype=torch.float32, mixed_precision="auto",
                     activation_checkpointing=False, **from_pretrained_kwargs):
-    """`cls.from_pretrained(path)` (LLaMA or PreferenceModel) wrapped by `wrap(strategy)`. Under FSDP only rank
-    0 reads the files; the others build on the meta device and receive their shards by broadcast."""
+    """`cls.from_pretrained(path)` (LLaMA or PreferenceModel) wrapped by `wrap(strategy)`. Under
+    FSDP only rank 0 reads the files; the others build on the meta device and receive their shards
+    by broadcast."""
     if strategy == "ddp" or not torch_dist.is_initialized():
         model = cls.from_pretrained(path, dtype=dtype, device=device(), **from_pretrained_kwargs)
         return wrap(model, "ddp", mixed_precision, activation_checkpointing)

@@ -1,5 +1,5 @@
-"""dist.py and DDP training: sharding round-trips, and 2 processes under torchrun (gloo) follow the same loss
-curve and reach the same weights as 1 process for the same global batch."""
+"""dist.py and DDP training: sharding round-trips, and 2 processes under torchrun (gloo) follow the
+same loss curve and reach the same weights as 1 process for the same global batch."""
 import json
 import os
 import subprocess
@@ -44,14 +44,15 @@ def test_shard_gather_single_process():
 
 
 def torchrun(nproc, script, *args, timeout=600, env=None):
-    """Runs `script args...` under `torchrun --standalone --nproc_per_node=nproc` (gloo on CPU, one thread per
-    rank, this checkout first on PYTHONPATH) and asserts it exits 0. Shared by the DDP and FSDP tests."""
-    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1",
-           **(env or {})}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(script), *map(str, args)]
+    """Runs `script args...` under `torchrun --standalone --nproc_per_node=nproc` (gloo on CPU, one
+    thread per rank, this checkout first on PYTHONPATH) and asserts it exits 0. Shared by the DDP
+    and FSDP tests."""
+    path = REPO + os.pathsep + os.environ.get("PYTHONPATH", "")
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **(env or {})}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", str(script), *map(str, args)]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    first_error = res.stderr[max(0, res.stderr.find("Traceback")):][:4000]   # the failing rank's traceback
+    first_error = res.stderr[max(0, res.stderr.find("Traceback")):][:4000]   # the failing rank's
     assert res.returncode == 0, res.stdout[-2000:] + first_error
     return res
 
@@ -73,7 +74,8 @@ def test_ddp_two_processes_match_one(tmp_path):
     two, info2, w2 = run(2, tok_dir, str(tmp_path / "two"), str(script))
     assert (info1["world"], info2["world"]) == (1, 2)
     assert info2["order"] == list(range(11))  # shard + gather keep the order across ranks
-    # the same loss curve, step by step (2 ranks x 1 micro-step vs 1 rank x 2 micro-steps, same 8 rows)
+    # the same loss curve, step by step (2 ranks x 1 micro-step vs 1 rank x 2 micro-steps, same 8
+    # rows)
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4]
     for a, b in zip(one, two):
         assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-4)
@@ -86,10 +88,12 @@ def test_ddp_two_processes_match_one(tmp_path):
 
 
 def test_gpu_check_runs_tiny_on_cpu():
-    """bench/gpu_check.py --tiny: the one-GPU check's code paths (decode, sharded fwd+bwd with and without AC,
-    a PPO-style step with four sharded models) run on the CPU and print the full table."""
+    """bench/gpu_check.py --tiny: the one-GPU check's code paths (decode, sharded fwd+bwd with and
+    without AC, a PPO-style step with four sharded models) run on the CPU and print the full table.
+    """
     res = subprocess.run([sys.executable, os.path.join(REPO, "bench", "gpu_check.py"), "--tiny"],
-                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                         timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     table = [line for line in res.stdout.splitlines() if line.startswith("| ")]
     assert len(table) == 2 + 6, res.stdout
@@ -97,8 +101,9 @@ def test_gpu_check_runs_tiny_on_cpu():
 
 
 def test_memory_formulas_match_exact_counts():
-    """bench/memory.py --check: parameter counts, fp32 AdamW state bytes, KV cache bytes and saved activations
-    per layer (fp32 and bf16, two shapes: GQA and tied) equal the exact counts; the 7B figures are sane."""
+    """bench/memory.py --check: parameter counts, fp32 AdamW state bytes, KV cache bytes and saved
+    activations per layer (fp32 and bf16, two shapes: GQA and tied) equal the exact counts; the 7B
+    figures are sane."""
     sys.path.insert(0, REPO)
     from bench import memory
     text, ok = memory.check()
@@ -106,7 +111,7 @@ def test_memory_formulas_match_exact_counts():
     cfg = memory.config("llama-7b")
     assert memory.param_count(cfg) == 6_738_415_616                  # LLaMA-7B's published size
     ppo = sum(memory.stage_bytes(cfg, "ppo-rollout", 8, False).values()) / 1e9
-    assert 40 < ppo < 80                                             # fits 80 GB only because all four shard
+    assert 40 < ppo < 80                             # fits 80 GB only because all four models shard
     assert sum(memory.stage_bytes(cfg, "ppo-rollout", 1, False).values()) / 1e9 > 200
 
 
@@ -132,5 +137,5 @@ def test_one_process_wrap_is_identity_and_checkpointing_is_exact(make_model):
         m(ids).float().pow(2).mean().backward()
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=name)
-    with torch.no_grad():                                            # decoding/eval paths skip checkpointing
+    with torch.no_grad():                            # decoding/eval paths skip checkpointing
         torch.testing.assert_close(model(ids), ref(ids), rtol=0, atol=0)
