@@ -1,12 +1,13 @@
 """The preference model (PM): a LLaMA backbone with a scalar head, trained on simulated pairs.
 
 What (RLCD's step 2, paper Sec. 3; AlpacaFarm's reward model, as the RLCD reference runs it):
-`PreferenceModel`, model.py's backbone plus a bias-free head `score` read at the last real token,
-saved in Hugging Face's LlamaForSequenceClassification layout; the reward text prompt + " " +
-response + "\\n\\nHuman:" (dialogue.reward_text); the Bradley-Terry loss -log σ(r_chosen − r_rejected),
-with a soft label p (RLAIF, RLCD-Rescore) −[p log σ(Δ) + (1 − p) log σ(−Δ)]; `train_pm` (AdamW, 3 %
-warmup, cosine to 0, one epoch, 16 pairs a step, as the reference); evaluation: held-out accuracy,
-agreement with HH-RLHF's human labels (paper Table 5, `human_agreement`), the toy oracle's accuracy.
+`PreferenceModel`, model.py's backbone plus a bias-free head `score` read at the last real
+token, saved in Hugging Face's LlamaForSequenceClassification layout; the reward text prompt +
+" " + response + "\\n\\nHuman:" (dialogue.reward_text); the Bradley-Terry loss
+-log σ(r_chosen − r_rejected) and, with a soft label p (RLAIF, RLCD-Rescore),
+−[p log σ(Δ) + (1 − p) log σ(−Δ)]; `train_pm` (AdamW, 3 % warmup, cosine to 0, one epoch, 16 pairs
+a step, as the reference); evaluation: held-out accuracy, agreement with HH-RLHF's human labels
+(paper Table 5, `human_agreement`), the toy oracle's accuracy.
 Simplified: no FSDP; a global batch that does not fill up at an epoch's end is dropped; the held-out
 split is the last eval_frac of the prefs file.
 Run: `python train.py --stage pm --method rlcd [--hh-eval FILE]` (or under `torchrun`); in code
@@ -35,7 +36,8 @@ from nanorlcd.tokenizer import Tokenizer, left_pad
 
 
 class PreferenceModel(nn.Module):
-    """r(x) = w · h_last(x): backbone hidden state at the last real token, times the head `score` (no bias)."""
+    """r(x) = w · h_last(x): the backbone's hidden state at the last real token times the head
+    `score` (no bias)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -53,8 +55,9 @@ class PreferenceModel(nn.Module):
             last = torch.full((B,), T - 1, device=input_ids.device)
         else:
             if not attention_mask.bool().any(-1).all():
-                raise ValueError("attention_mask: a row has no real token (expected at least one 1 per row)")
-            # the position of the last 1 in each row: T - 1 under left padding, the row's length - 1 under right
+                raise ValueError("attention_mask: a row has no real token (expected at least one 1 "
+                                 "per row)")
+            # the last 1 of each row: T - 1 under left padding, length - 1 under right padding
             pos = torch.arange(T, device=input_ids.device)                      # (T,)
             last = (pos * attention_mask.long()).argmax(-1)                     # (B,)
         h_last = h[torch.arange(B, device=h.device), last]                     # (B, D)
@@ -62,30 +65,32 @@ class PreferenceModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
-        """A saved PM dir (architectures LlamaForSequenceClassification), or a base LLaMA dir: its lm_head is
-        ignored and `score` is freshly drawn by `init_score_` (seed torch first for a reproducible head)."""
+        """A saved PM dir (architectures LlamaForSequenceClassification), or a base LLaMA dir: its
+        lm_head is ignored and `score` is drawn by `init_score_` (seed torch to reproduce it)."""
         cfg, raw = load_config(path), read_config_json(path)
         is_pm = "LlamaForSequenceClassification" in (raw.get("architectures") or [])
         n_labels = raw.get("num_labels", len(raw.get("id2label") or {"0": 0}))
         if is_pm and n_labels != 1:
-            raise ValueError(f"{os.path.join(path, 'config.json')}: num_labels {n_labels}, expected 1 (a scalar PM)")
-        with torch.device("meta"):                   # no memory for the random init: weights come from disk
+            raise ValueError(f"{os.path.join(path, 'config.json')}: num_labels {n_labels}, "
+                             "expected 1 (a scalar PM)")
+        with torch.device("meta"):      # no memory for the random init: the weights come from disk
             pm = cls(cfg)
         if is_pm:
             load_weights(pm, path, dtype=dtype, device=device)
         else:
             load_weights(pm, path, dtype=dtype, device=device, missing_ok=("score.weight",),
                          unexpected_ok=("lm_head.weight",))
-            pm.score.to_empty(device=device).to(dtype)                          # materialise the meta head
+            pm.score.to_empty(device=device).to(dtype)                 # materialise the meta head
             init_score_(pm.score)
         return pm.eval()
 
     def save_pretrained(self, path, tokenizer=None, max_shard_size=5 * 2**30):
-        """config.json + safetensors in the LlamaForSequenceClassification layout (+ tokenizer.model if given).
-        HF finds the last real token through pad_token_id, so a known pad id is written into the config."""
+        """config.json + safetensors in the LlamaForSequenceClassification layout (+ tokenizer.model
+        if given). HF finds the last real token through pad_token_id, so a pad id is written."""
         config = self.config.to_dict()
-        config.update(architectures=["LlamaForSequenceClassification"], num_labels=1, id2label={"0": "LABEL_0"},
-                      label2id={"LABEL_0": 0}, torch_dtype=str(self.score.weight.dtype).removeprefix("torch."))
+        config.update(architectures=["LlamaForSequenceClassification"], num_labels=1,
+                      id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0},
+                      torch_dtype=str(self.score.weight.dtype).removeprefix("torch."))
         if config["pad_token_id"] is None and tokenizer is not None:
             config["pad_token_id"] = tokenizer.pad_id
         save_weights(self, path, config, max_shard_size=max_shard_size)
@@ -94,28 +99,31 @@ class PreferenceModel(nn.Module):
 
 
 def init_score_(score):
-    """A fresh head: N(0, 1/(D + 1)) as in Ziegler et al. 2019 (lm-human-preferences `reward_model.py`). We do not
-    zero it: with w = 0 the backbone's gradient w·∂h/∂θ vanishes and the first steps train only the head, while
-    with this scale Var(r) = |h|²/(D + 1) ≈ the mean square of the RMS-normed h (about 1 when the norm gains are),
-    so backbone and head learn from step one. The reference (AlpacaFarm) keeps torch's default Linear init and
-    zeroes a bias; we have no bias at all (HF's `score` has none, and a constant cancels in r_chosen − r_rejected).
-    ppo.py's value model, by contrast, zeroes its copy of this head."""
+    """A fresh head: N(0, 1/(D + 1)) as in Ziegler et al. 2019 (lm-human-preferences
+    `reward_model.py`). Not zero: with w = 0 the backbone's gradient w·∂h/∂θ vanishes and the first
+    steps train only the head, while at this scale Var(r) = |h|²/(D + 1) ≈ the mean square of the
+    RMS-normed h (about 1 when the norm gains are), so backbone and head learn from step one. The
+    reference (AlpacaFarm) keeps torch's default Linear init and zeroes a bias; we have no bias
+    (HF's `score` has none, and a constant cancels in r_chosen − r_rejected). ppo.py's value model,
+    by contrast, zeroes its copy of this head."""
     with torch.no_grad():
         score.weight.normal_(0.0, 1.0 / math.sqrt(score.in_features + 1))
     return score
 
 
-# ----------------------------------------------------------------------------- reward inputs and the loss
+# ------------------------------------------------------------------ reward inputs and the loss
 
 # reward_text(prompt, response): dialogue.reward_text, imported above and re-exported from here
 
-def reward_inputs(tokenizer, prompts, responses, max_len=512):
-    """Tokenize the reward texts of (prompt, response) rows -> (ids, mask, n_truncated), (B, T) left-padded.
 
-    A text longer than max_len keeps BOS and its last max_len - 1 tokens: the cut removes the prompt's oldest
-    tokens, never the end, so the reward is still read at the final "\\n\\nHuman:" token (only when the response
-    alone is longer than max_len - 1 does its beginning go too). n_truncated counts the rows cut.
-    Used by the PM trainer and evaluation, and by ppo.py to score rollouts."""
+def reward_inputs(tokenizer, prompts, responses, max_len=512):
+    """Tokenize the reward texts of (prompt, response) rows -> (ids, mask, n_truncated), (B, T)
+    left-padded.
+
+    A text longer than max_len keeps BOS and its last max_len - 1 tokens: the cut removes the
+    prompt's oldest tokens, never the end, so the reward is still read at the final "\\n\\nHuman:"
+    token (only a response longer than max_len - 1 loses its beginning too). n_truncated counts the
+    rows cut. Used by the PM trainer and evaluation, and by ppo.py to score rollouts."""
     if max_len < 2:
         raise ValueError(f"max_len: {max_len}, expected at least 2 (BOS + one token)")
     if len(prompts) != len(responses):
@@ -124,7 +132,7 @@ def reward_inputs(tokenizer, prompts, responses, max_len=512):
     for prompt, response in zip(prompts, responses):
         ids = tokenizer.encode(reward_text(prompt, response), bos=True)
         if len(ids) > max_len:
-            ids = ids[:1] + ids[len(ids) - (max_len - 1):]                      # BOS + the last max_len - 1
+            ids = ids[:1] + ids[len(ids) - (max_len - 1):]           # BOS + the last max_len - 1
             n_truncated += 1
         rows.append(ids)
     ids, mask = left_pad(rows, tokenizer.pad_id)
@@ -132,10 +140,10 @@ def reward_inputs(tokenizer, prompts, responses, max_len=512):
 
 
 def preference_loss(r_chosen, r_rejected, label_prob=None):
-    """Mean over pairs of -log σ(Δ), Δ = r_chosen − r_rejected (Bradley-Terry); with soft labels p (B,) the
-    cross-entropy −[p log σ(Δ) + (1 − p) log σ(−Δ)], which is BT at p = 1 and log 2 at Δ = 0 for any p."""
+    """Mean over pairs of -log σ(Δ), Δ = r_chosen − r_rejected (Bradley-Terry); with soft labels p
+    (B,) the cross-entropy −[p log σ(Δ) + (1 − p) log σ(−Δ)]: BT at p = 1, log 2 at Δ = 0."""
     delta = r_chosen - r_rejected                                              # (B,)
-    delta = delta.to(torch.promote_types(delta.dtype, torch.float32))         # bf16 rewards -> fp32 loss
+    delta = delta.to(torch.promote_types(delta.dtype, torch.float32))  # bf16 rewards -> fp32 loss
     if label_prob is None:
         return -F.logsigmoid(delta).mean()
     p = label_prob.to(delta)
@@ -156,12 +164,12 @@ def read_prefs(path, skip_bad=False):
     return read(path, skip_bad=skip_bad)
 
 
-# ----------------------------------------------------------------------------- evaluation
+# ------------------------------------------------------------------ evaluation
 
 @torch.no_grad()
 def _pair_stats(pm, tokenizer, pairs, max_len, batch_size):
-    """Sums over pairs [n, correct, σ(Δ), loss, truncated] (float64), Δ = r_chosen − r_rejected. A
-    pair is correct when the PM agrees with the label's direction (chosen wins if label_prob >= 0.5).
+    """Sums over pairs [n, correct, σ(Δ), loss, truncated] (float64), Δ = r_chosen − r_rejected.
+    A pair is correct when the PM agrees with the label (chosen is better if label_prob >= 0.5).
     A pair may give the rejected reply its own prompt (`rejected_prompt`; HH-RLHF lines)."""
     was_training, device = pm.training, next(pm.parameters()).device
     pm.eval()
@@ -169,7 +177,8 @@ def _pair_stats(pm, tokenizer, pairs, max_len, batch_size):
     for i in range(0, len(pairs), batch_size):
         batch = pairs[i:i + batch_size]
         # chosen and rejected in one forward: rows [0, n) chosen, [n, 2n) rejected
-        prompts = [b["prompt"] for b in batch] + [b.get("rejected_prompt", b["prompt"]) for b in batch]
+        prompts = ([b["prompt"] for b in batch]
+                   + [b.get("rejected_prompt", b["prompt"]) for b in batch])
         ids, mask, n_cut = reward_inputs(tokenizer, prompts, [b["chosen"] for b in batch]
                                          + [b["rejected"] for b in batch], max_len)
         r = pm(ids.to(device), mask.to(device)).cpu().double()             # (2n,)
@@ -193,39 +202,26 @@ def _as_metrics(stats):
 
 def pairwise_accuracy(pm, tokenizer, pairs, max_len=512, batch_size=16):
     """Held-out simulated pairs (dicts with prompt/chosen/rejected[/label_prob]) -> {acc, mean_prob,
-    loss, n, truncated}: acc = the fraction of pairs where the PM agrees with the label's direction."""
+    loss, n, truncated}: acc = the fraction of pairs on which the PM agrees with the label."""
     return _as_metrics(_pair_stats(pm, tokenizer, pairs, max_len, batch_size))
 
 
-def read_hh_head(path, limit=2000):
-    """The first `limit` lines of an HH-RLHF jsonl (all lines when limit is None) -> (pairs, skipped).
-    Each line's `chosen` and `rejected` dialogue is cut after its own last "Assistant:" into a prompt
-    and a reply, so each is scored whole, as the reference scores chosen.strip() + "\\n\\nHuman:". A
-    line without two such dialogues is skipped and counted (the reference would stop on it)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: HH-RLHF file not found")
-    pairs, skipped, lineno = [], 0, 0
+def _parse_hh_line(line):
+    """One HH-RLHF line -> ({prompt, chosen, rejected_prompt, rejected}, None) or (None, reason).
+    Each dialogue is cut after its own last "Assistant:", so a pair whose dialogues differ earlier
+    is kept and each side scored whole, as the reference scores chosen.strip() + "\\n\\nHuman:"."""
     try:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if limit is not None and lineno > limit:
-                    break
-                try:
-                    obj = json.loads(line)
-                    chosen, rejected = cut_dialogue(obj["chosen"]), cut_dialogue(obj["rejected"])
-                except (json.JSONDecodeError, TypeError, KeyError, AttributeError):
-                    chosen = rejected = None
-                if chosen is None or rejected is None:
-                    skipped += 1
-                    continue
-                pairs.append({"prompt": chosen[0], "chosen": chosen[1], "rejected_prompt": rejected[0],
-                              "rejected": rejected[1]})
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}:{lineno + 1}: not UTF-8 text (expected HH-RLHF jsonl)") from None
-    if not pairs:
-        raise ValueError(f"{path}: no HH-RLHF pair in the first {limit} lines ({skipped} skipped; "
-                         "expected JSON lines with 'chosen' and 'rejected' dialogues)")
-    return pairs, skipped
+        obj = json.loads(line)
+    except json.JSONDecodeError:
+        return None, "not JSON"
+    if not isinstance(obj, dict) or not all(isinstance(obj.get(k), str)
+                                            for k in ("chosen", "rejected")):
+        return None, "no 'chosen'/'rejected' strings"
+    chosen, rejected = cut_dialogue(obj["chosen"]), cut_dialogue(obj["rejected"])
+    if chosen is None or rejected is None:
+        return None, "no 'Assistant:' turn"
+    return {"prompt": chosen[0], "chosen": chosen[1], "rejected_prompt": rejected[0],
+            "rejected": rejected[1]}, None
 
 
 def human_agreement(pm, tokenizer, hh_path, limit=2000, max_len=512, batch_size=16):
@@ -235,45 +231,47 @@ def human_agreement(pm, tokenizer, hh_path, limit=2000, max_len=512, batch_size=
     evaluates: its evaluate_reward_model_human_agreement.py reads the first 2000 lines (--num-pairs)
     of the task's HH-RLHF *train* file (harmless-base or helpful-base train.jsonl, the file whose
     prompts the simulation used), not the test file."""
-    pairs, skipped = read_hh_head(hh_path, limit)
+    # a bad line among the first `limit` is skipped and counted (the reference would stop on it)
+    pairs, summary = _parse_lines(hh_path, _parse_hh_line, "HH-RLHF file", limit=limit)
     stats = _pair_stats(pm, tokenizer, pairs, max_len, batch_size)
-    return {**_as_metrics(stats), "skipped_lines": skipped}
+    return {**_as_metrics(stats), "skipped_lines": summary["bad"]}
 
 
 def oracle_accuracy(pm, tokenizer, pairs, judge, max_len=512, batch_size=16):
     """Toy world: among pairs whose two replies the oracle `judge(prompt, response)` (toy.judge)
     labels one harmless and one harmful, the fraction where the PM scores the harmless one higher.
-    Other pairs (both alike, or an invalid reply) are skipped and counted; the labels are ignored."""
+    Other pairs (both alike, or an invalid reply) are skipped and counted; labels are ignored."""
     kept = []
     for rec in pairs:
         labels = (judge(rec["prompt"], rec["chosen"]), judge(rec["prompt"], rec["rejected"]))
         if labels == ("harmless", "harmful"):
-            kept.append({"prompt": rec["prompt"], "chosen": rec["chosen"], "rejected": rec["rejected"]})
+            kept.append({**rec, "label_prob": None})
         elif labels == ("harmful", "harmless"):
-            kept.append({"prompt": rec["prompt"], "chosen": rec["rejected"], "rejected": rec["chosen"]})
+            kept.append({**rec, "chosen": rec["rejected"], "rejected": rec["chosen"],
+                         "label_prob": None})
     if not kept:
         return {"acc": float("nan"), "n": 0, "skipped": len(pairs)}
     metrics = pairwise_accuracy(pm, tokenizer, kept, max_len, batch_size)
     return {**metrics, "skipped": len(pairs) - len(kept)}
 
 
-# ----------------------------------------------------------------------------- training
+# ------------------------------------------------------------------ training
 
 @dataclass
 class PMConfig:
-    batch_size: int = 16         # pairs per optimizer step, all ranks and micro-steps (reference: 16)
-    micro_batch_size: int = 4    # pairs per forward/backward on one rank (2x rows); 0 = batch / ranks
+    batch_size: int = 16         # pairs per optimizer step, all ranks and micro-steps (ref.: 16)
+    micro_batch_size: int = 4    # pairs per forward/backward on a rank (2 rows each); 0: B/ranks
     epochs: int = 1              # passes over the training pairs (reference: 1; more overfits)
-    lr: float = 3e-6             # peak AdamW lr (reference at 7B: 3e-6; the tiny toy PM needs ~1e-3)
+    lr: float = 3e-6             # peak AdamW lr (reference at 7B: 3e-6; the toy PM needs ~1e-3)
     warmup_steps: int = 0        # linear warmup steps; 0 = ceil(warmup_ratio * steps)
     warmup_ratio: float = 0.03   # warmup fraction, used when warmup_steps is 0 (reference: 0.03)
     min_lr_ratio: float = 0.0    # the cosine decays to lr * min_lr_ratio (reference: 0)
     weight_decay: float = 0.0    # AdamW decoupled weight decay on every parameter (reference: 0)
     grad_clip: float = 1.0       # max global gradient norm, 0 = none (reference: 1.0)
-    max_len: int = 512           # tokens per reward text; longer ones lose the prompt's oldest tokens
-    eval_frac: float = 0.05      # the last eval_frac of the prefs file is held out (at least one pair)
+    max_len: int = 512           # tokens per reward text; longer: the prompt's oldest tokens go
+    eval_frac: float = 0.05      # the last eval_frac of the prefs file is held out (>= one pair)
     eval_every: int = 100        # held-out evaluation every this many steps (and at the end)
-    save_every: int = 0          # resumable checkpoint into out_dir every this many steps (0: end only)
+    save_every: int = 0          # resumable checkpoint into out_dir every this many steps (0: none)
     log_every: int = 10          # JSONL line every this many steps
     skip_bad: bool = False       # skip (and count) malformed prefs lines instead of raising
     bf16: bool = False           # bf16 autocast on CUDA (weights and AdamW state stay fp32)
@@ -302,15 +300,15 @@ def _resume(out_dir, optimizer, identity):
     saved = state["extra"]
     for key in identity:
         if saved.get(key) != identity[key]:
-            raise ValueError(f"{out_dir}: cannot resume: its checkpoint has {key}={saved.get(key)!r}, "
-                             f"this run {identity[key]!r}")
+            raise ValueError(f"{out_dir}: cannot resume: its checkpoint has {key}="
+                             f"{saved.get(key)!r}, this run {identity[key]!r}")
     checkpoint.set_rng_states(state["rng_states"])
     return state["step"]
 
 
 def train_pm(cfg, base_dir, prefs_path, out_dir, log_path=None, resume=False):
     """Train a PM from `base_dir` (a base LLaMA dir, or a PM dir to continue) on the pairs of
-    `prefs_path`; writes the PM to `out_dir` and JSONL metrics to log_path (default out_dir/log.jsonl).
+    `prefs_path`; writes the PM to `out_dir` and JSONL metrics to log_path (out_dir/log.jsonl).
     resume=True continues from out_dir's last periodic checkpoint (`save_every`) exactly where it
     stopped. Returns the summary dict."""
     _, world, device = dist.init()
@@ -343,7 +341,8 @@ def train_pm(cfg, base_dir, prefs_path, out_dir, log_path=None, resume=False):
     optimizer = torch.optim.AdamW(pm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     # what a resumed run must share with the run it continues
     identity = {"prefs": os.path.abspath(prefs_path), "train_pairs": len(train),
-                "config": {k: v for k, v in asdict(cfg).items() if k not in ("save_every", "log_every")},
+                "config": {k: v for k, v in asdict(cfg).items()
+                           if k not in ("save_every", "log_every")},
                 "world_size": world}
     start = _resume(out_dir, optimizer, identity) if resume else 0
     ddp_pm = dist.wrap(pm)
@@ -406,7 +405,7 @@ def train_pm(cfg, base_dir, prefs_path, out_dir, log_path=None, resume=False):
             # held-out evaluation on every rank's shard, summed
             stats = _pair_stats(pm, tokenizer, dist.shard(held), cfg.max_len, micro_batch_size * 2)
             ev = _as_metrics(dist.all_reduce_sum(stats.to(device)).cpu())
-            record.update({f"eval/{k}": v for k, v in ev.items() if k in ("acc", "mean_prob", "loss")})
+            record.update({f"eval/{k}": ev[k] for k in ("acc", "mean_prob", "loss")})
             dist.print0(f"step {step + 1}: loss {record['pm/loss']:.4f} acc {record['pm/acc']:.3f} "
                         f"eval acc {ev['acc']:.3f} lr {lr:.2e} {record['pm/ms']:.0f} ms")
         if log and ((step + 1) % cfg.log_every == 0 or last or "eval/acc" in record):

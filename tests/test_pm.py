@@ -290,7 +290,7 @@ def test_human_agreement_first_lines_match_naive_per_pair_loop(tmp_path, base_di
     assert got["acc"] == pytest.approx(sum(c > r for c, r in zip(r_c, r_r)) / 7)
     assert got["mean_prob"] == pytest.approx(sum(sig(c - r) for c, r in zip(r_c, r_r)) / 7, rel=1e-5)
     assert human_agreement(pm, tok, path, limit=None)["n"] == 8            # the whole file
-    with pytest.raises(ValueError, match=r"hh\.jsonl: no HH-RLHF pair in the first 1 lines"):
+    with pytest.raises(ValueError, match=r"hh\.jsonl: no usable line"):
         human_agreement(pm, tok, write_jsonl(tmp_path / "hh.jsonl", ["{}"] + dialogues), limit=1)
 
 
