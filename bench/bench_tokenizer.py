@@ -4,7 +4,7 @@ encoder vs. Hugging Face `tokenizers` (Rust), on the same file and the same ~1 M
 What: a seeded generator writes ~1 MB of HH-style dialogue text (Zipf-distributed made-up words,
 numbers, punctuation, a few Greek/CJK/Arabic/Devanagari words and emoji). The tokenizer is
 --tokenizer (any HF directory with tokenizer.json, e.g. a LLaMA-3 checkpoint) or, by default, a
-LLaMA-3-style BPE (the LLaMA-3 split regex, vocab up to 8000) trained here with `tokenizers`;
+LLaMA-3-style BPE (its split regex and 253 special tokens, vocab <= 8000) trained with `tokenizers`;
 without `tokenizers` and without --tokenizer we fall back to a merge-free byte-level file (every
 byte one token). Our encoder starts cold (piece cache empty) and encodes the text as one string,
 then again warm, then as its ~6k dialogue turns; `tokenizers` encodes the one string and the turns
@@ -23,7 +23,9 @@ import torch
 
 from nanorlcd.tokenizer import BYTE_TO_CHAR, LLAMA3_PATTERN, Tokenizer
 
-SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
+# LLaMA-3's special tokens: every one is looked for in the text before BPE
+SPECIALS = (["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
+            + [f"<|reserved_special_token_{k}|>" for k in range(250)])
 EXTRA_WORDS = ["καλημέρα", "κόσμε", "日本語", "中文的文本", "مرحبا", "बहुत", "नमस्ते", "😀", "👍🏽",
                "naïve", "café"]
 

@@ -149,7 +149,8 @@ LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{
                   r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 # onig's \s is Unicode White_Space; Python's \s is str.isspace(), which also takes U+001C..U+001F
-WHITE_SPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+WHITE_SPACE = ("\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B)))
+               + "\u2028\u2029\u202f\u205f\u3000")
 
 
 @functools.lru_cache(maxsize=None)
@@ -265,14 +266,11 @@ class ByteLevelBPE:
         if decoder.get("type") != "ByteLevel":
             self._fail("decoder.type", f"is {decoder.get('type')!r}; expected ByteLevel")
         # 3. added tokens are matched first, longest first at a position (leftmost-longest, as HF
-        #    does); lstrip/rstrip ones also swallow the whitespace on that side; group k holds the
-        #    k-th content
-        ws = f"[{WHITE_SPACE}]*"
-        added = sorted(added, key=lambda t: -len(t["content"]))
-        self.added_order = [t["id"] for t in added]
-        alts = [(ws if t.get("lstrip") else "") + f"({re.escape(t['content'])})"
-                + (ws if t.get("rstrip") else "") for t in added]
-        self.added_regex = re.compile("|".join(alts)) if alts else None
+        #    does). A plain alternation of literals: `re` then skips ahead on their first
+        #    characters (wrapping each in a group makes it ~10^4 times slower on LLaMA-3's 256)
+        contents = sorted(self.added, key=len, reverse=True)
+        self.added_regex = re.compile("|".join(map(re.escape, contents))) if contents else None
+        self.strip = {t["content"]: (bool(t.get("lstrip")), bool(t.get("rstrip"))) for t in added}
         # 4. id -> bytes for decoding: a token whose characters are all byte symbols is those bytes;
         #    an added token with other characters (e.g. a real space) is its own UTF-8, as HF's
         #    ByteLevel decoder does
@@ -333,9 +331,15 @@ class ByteLevelBPE:
         """Text -> ids (no BOS/EOS): added tokens cut out first, the rest through the cached BPE."""
         ids, pos = [], 0
         for m in (self.added_regex.finditer(text) if self.added_regex else ()):
-            ids += self._encode_plain(text[pos:m.start()])
-            ids.append(self.added_order[m.lastindex - 1])
-            pos = m.end()
+            start, end = m.span()
+            if start < pos:                 # inside the whitespace an rstrip token swallowed
+                continue
+            # lstrip/rstrip tokens also swallow the whitespace on that side (HF's AddedToken)
+            lstrip, rstrip = self.strip[m.group()]
+            before = text[pos:start].rstrip(WHITE_SPACE) if lstrip else text[pos:start]
+            ids += self._encode_plain(before)
+            ids.append(self.added[m.group()])
+            pos = len(text) - len(text[end:].lstrip(WHITE_SPACE)) if rstrip else end
         return ids + self._encode_plain(text[pos:])
 
     def _encode_plain(self, text):
