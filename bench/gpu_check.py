@@ -1,14 +1,17 @@
-"""One-GPU check of what the CPU tests cannot show: speed, bf16 and peak memory (under 10 minutes).
+"""One-GPU check of what the CPU tests cannot show: speed, bf16, peak memory (under 10 minutes).
 
-Prints one markdown table: 1. copy bandwidth (read + write bytes per second of a large tensor copy),
-the memory-bandwidth limit below; 2. bf16 greedy decoding of a randomly initialised LLaMA-7B-shaped
-model with the KV cache at batch 1 and 32: tokens/s and the % of the bandwidth limit (each step must
-read every weight and the cached keys/values); 3. forward + backward + AdamW of a ~1B model
-(TinyLlama's shape) under `dist.shard_model` with bf16 mixed precision, without and with activation
-checkpointing: tokens/s, MFU (model FLOPs 6 x params x tokens plus causal attention, over the GPU's
-dense bf16 peak) and peak memory against bench/memory.py's estimate; 4. one PPO-style step of a
-small model with all four models sharded (`shard_model` on a 1-rank mesh): a rollout under
-`dist.unsharded`, PM and reference scoring, a clipped policy + value update; peak memory.
+Prints one markdown table:
+  1. copy bandwidth (read + write bytes per second of a large tensor copy): the memory limit below;
+  2. bf16 greedy decoding of a randomly initialised LLaMA-7B-shaped model with the KV cache at
+     batch 1 and 32: tokens/s and the % of the bandwidth limit (each step must read every weight
+     and the cached keys/values);
+  3. forward + backward + AdamW of a ~1B model (TinyLlama's shape) under `dist.shard_model` with
+     bf16 mixed precision, without and with activation checkpointing: tokens/s, MFU (model FLOPs
+     6 x params x tokens plus causal attention, over the GPU's dense bf16 peak) and peak memory
+     next to bench/memory.py's estimate;
+  4. one PPO-style step of a small model with all four models sharded (`shard_model` on a 1-rank
+     mesh): a rollout under `dist.unsharded`, PM and reference scoring, a clipped policy + value
+     update; its peak memory.
 Simplified: random weights (speed and memory do not depend on them), no tokenizer, one process.
 Run: `python bench/gpu_check.py` on a GPU; `python bench/gpu_check.py --tiny` runs the same code on
 tiny shapes on the CPU in seconds (tests/test_dist.py does, so the script keeps working).

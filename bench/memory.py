@@ -2,23 +2,26 @@
 
 What: GB per GPU (1e9 bytes) for the pipeline's stages (simulate, pm, sft, ppo rollout and ppo
 training with four models: policy, value, reference, PM), on 1 GPU and on 8 GPUs with FSDP2
-(`dist.wrap(model, "fsdp")`), with and without per-block activation checkpointing (AC), at LLaMA-7B,
-LLaMA-30B (simulate only: the paper's 30B simulator) and a ~1B classroom model. The terms: -
-parameters from the config (embedding, per block q/k/v/o, SwiGLU, 2 RMSNorms, final norm, LM or
-score head); - a trained model holds fp32 weights, grads and AdamW m and v: 16 B/param, divided by
-the GPUs under FSDP2; a frozen one (reference, PM) holds bf16 weights, 2 B/param, also sharded; the
-simulator is a replicated bf16 copy per GPU (decoding needs the whole model anyway); - FSDP2 working
-buffers: two bf16 blocks in flight, the bf16 root group, one block's fp32 gradients; - activations
-saved for backward: nanorlcd's Block saves 24D + 8I + 4H + 8 bytes per token in bf16 (D hidden, I
-MLP width, H heads; 40D + 16I + 4H + 8 in fp32), counted with saved-tensor hooks and re-checked by
-`--check`; with AC only the bf16 block input (2D bytes) per layer plus one recomputed block; -
-logits of LM heads (bf16, their fp32 copy and log-softmax: 10 bytes per vocabulary entry and token);
-- the KV cache of a rollout, 2 x layers x kv heads x head_dim x 2 bytes per token, and the unsharded
-bf16 policy that decodes it (`dist.unsharded`).
+(`dist.wrap(model, "fsdp")`), with and without per-block activation checkpointing (AC), at
+LLaMA-7B, LLaMA-30B (simulate only: the paper's 30B simulator) and a ~1B classroom model. Terms:
+  - parameters from the config (embedding, per block q/k/v/o, SwiGLU, 2 RMSNorms, final norm, the
+    LM or score head);
+  - a trained model holds fp32 weights, grads and AdamW m and v: 16 B/param, divided by the GPUs
+    under FSDP2; a frozen one (reference, PM) bf16 weights, 2 B/param, also sharded; the simulator
+    is a replicated bf16 copy per GPU (decoding needs the whole model anyway);
+  - FSDP2 working buffers: two bf16 blocks in flight, the bf16 root group, one block's fp32 grads;
+  - activations saved for backward: nanorlcd's Block saves 24D + 8I + 4H + 8 bytes per token in
+    bf16 (D hidden, I MLP width, H heads; 40D + 16I + 4H + 8 in fp32), counted with saved-tensor
+    hooks; with AC only the bf16 block input (2D bytes) per layer, plus one recomputed block;
+  - logits of LM heads (bf16, their fp32 copy and log-softmax: 10 bytes per vocabulary entry/token);
+  - the KV cache of a rollout, 2 x layers x kv heads x head_dim x 2 bytes per token, and the
+    unsharded bf16 policy that decodes it (`dist.unsharded`).
+"1 GPU" is FSDP2 on a 1-rank mesh (as bench/gpu_check.py runs it); a plain process with autocast
+instead caches a bf16 copy of each trained model's weights (+2 B/param).
 Not counted: the CUDA context (~0.5 GB), allocator fragmentation (10-20 %), the attention matrix of
-the math SDPA kernel. `--check` compares every formula with an exact count on CPU (parameters,
-optimizer state bytes, KV cache bytes, saved activations with and without AC); peak allocator memory
-is only measured on a GPU (bench/gpu_check.py).
+SDPA's math kernel. `--check` compares every formula with an exact count on CPU (parameters,
+optimizer state bytes, KV cache bytes, saved activations with and without AC); peak allocator
+memory is only measured on a GPU (bench/gpu_check.py prints it next to this estimate).
 Run: `python bench/memory.py` (markdown table), `python bench/memory.py --check`.
 """
 import argparse

@@ -1,5 +1,8 @@
 """dist.py and DDP training: sharding round-trips, and 2 processes under torchrun (gloo) follow the
-same loss curve and reach the same weights as 1 process for the same global batch."""
+same loss curve and reach the same weights as 1 process for the same global batch; the collective
+timeout setting, wrap() on one process, activation checkpointing, and the two bench scripts
+(bench/memory.py's formulas against exact counts, bench/gpu_check.py --tiny). FSDP2 itself is
+tested in tests/test_fsdp.py, which shares `torchrun` from here."""
 import json
 import os
 import subprocess
@@ -87,6 +90,7 @@ def test_ddp_two_processes_match_one(tmp_path):
         torch.testing.assert_close(w2[name], w1[name], atol=1e-4, rtol=1e-3, msg=name)
 
 
+@pytest.mark.slow     # a subprocess that imports torch and runs 6 tiny checks: ~15 s of CPU
 def test_gpu_check_runs_tiny_on_cpu():
     """bench/gpu_check.py --tiny: the one-GPU check's code paths (decode, sharded fwd+bwd with and
     without AC, a PPO-style step with four sharded models) run on the CPU and print the full table.

@@ -22,8 +22,9 @@ pytestmark = pytest.mark.slow
 COMMON = r'''
 import json, sys, time
 import torch
+import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
-from nanorlcd import dist, optim, sft
+from nanorlcd import dist, optim
 from nanorlcd.model import LLaMA, LLaMAConfig
 from nanorlcd.pm import PreferenceModel, preference_loss, reward_inputs
 torch.set_num_threads(1)
@@ -52,7 +53,14 @@ def micro(rows, i):
     return rows[first:first + M]
 
 def lm_loss(model, i, world):
-    s, _ = sft.loss_sum(model, micro(LM_ROWS, i), dist.device())
+    """SFT's objective: next-token NLL summed over reply tokens / the global reply-token count."""
+    rows = micro(LM_ROWS, i)
+    T = max(len(ids) for ids, _ in rows)
+    ids = torch.tensor([r + [0] * (T - len(r)) for r, _ in rows])            # (M, T), right-padded
+    mask = torch.tensor([m + [0] * (T - len(m)) for _, m in rows]).float()   # (M, T)
+    logits = model(ids[:, :-1])                                                   # (M, T-1, V)
+    nll = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+    s = (nll * mask[:, 1:].flatten()).sum()
     n_global = sum(sum(m) for _, m in LM_ROWS)
     return s * world / n_global, s.item() / n_global    # FSDP and DDP average gradients over ranks
 
