@@ -62,21 +62,21 @@ def compute_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, clamp_kl=Fals
 
 
 def gae(rewards, values, mask, gamma, lam):
-    """Generalised advantage estimation over right-padded response tokens, all (B, T): V and A past
+    """Generalised advantage estimation over right-padded response tokens, all (B, R): V and A past
     the last real token are 0 (terminal). Returns (advantages, returns = advantages + values), both
     0 on pads."""
     m = mask.to(rewards.dtype)
     values = values * m
-    # (B, T) 1 if t+1 is real
+    # (B, R) 1 if t+1 is real
     next_m = torch.cat([m[:, 1:], torch.zeros_like(m[:, :1])], dim=1)
     next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], dim=1) * next_m
-    deltas = (rewards + gamma * next_values - values) * m                   # (B, T) TD errors δ_t
-    # one reverse scan over T, vectorised over rows
+    deltas = (rewards + gamma * next_values - values) * m                   # (B, R) TD errors δ_t
+    # one reverse scan over the R response positions, vectorised over rows
     adv, last = [], torch.zeros_like(deltas[:, 0])
     for t in reversed(range(rewards.shape[1])):
         last = deltas[:, t] + gamma * lam * next_m[:, t] * last
         adv.append(last)
-    advantages = torch.stack(adv[::-1], dim=1) * m                          # (B, T)
+    advantages = torch.stack(adv[::-1], dim=1) * m                          # (B, R)
     return advantages, (advantages + values) * m
 
 
