@@ -15,6 +15,7 @@ Run: `python -c "import nanorlcd.tokenizer as t; print(t.Tokenizer('out/toy/base
 (any HF LLaMA directory works in place of out/toy/base)
 """
 import functools
+import heapq
 import itertools
 import json
 import os
@@ -257,7 +258,7 @@ class ByteLevelBPE:
                 self._fail(f"model.merges[{rank}]", f"is {m!r}; expected 'a b' or ['a', 'b']")
             if any(s not in self.vocab for s in pair + (pair[0] + pair[1],)):
                 self._fail(f"model.merges[{rank}]", f"{m!r}: a part or the result is not a token")
-            self.ranks.setdefault(pair, rank)
+            self.ranks[pair] = rank         # a repeated pair keeps its last rank, as in HF's map
         # LLaMA-3 sets ignore_merges: a pre-token that is itself in the vocab is one token, whatever
         # the merges say
         self.ignore_merges = bool(model.get("ignore_merges", False))
@@ -276,7 +277,7 @@ class ByteLevelBPE:
         #    ByteLevel decoder does
         id_to_token = {i: s for s, i in self.vocab.items()}
         id_to_token.update({t["id"]: t["content"] for t in added})
-        self.id_bytes = [b""] * self.vocab_size
+        self.id_bytes = {}
         for i, s in id_to_token.items():
             byte_symbols = all(c in CHAR_TO_BYTE for c in s)
             self.id_bytes[i] = bytes(CHAR_TO_BYTE[c] for c in s) if byte_symbols else s.encode()
@@ -295,7 +296,7 @@ class ByteLevelBPE:
         """The pre-tokenizer chain as a list of functions list-of-pieces -> list-of-pieces. Known:
         Split with the LLaMA-3 or GPT-2 regex, Digits, and a final ByteLevel (whose use_regex means
         the GPT-2 regex)."""
-        known = {LLAMA3_PATTERN: "LLaMA-3", GPT2_PATTERN: "GPT-2"}
+        known = (LLAMA3_PATTERN, GPT2_PATTERN)
         sequence = isinstance(pre, dict) and pre.get("type") == "Sequence"
         steps = pre.get("pretokenizers") if sequence else [pre]
         funcs = []
@@ -359,23 +360,37 @@ class ByteLevelBPE:
 
     def _bpe(self, word):
         """One pre-token (byte symbols) -> ids: repeatedly merge the adjacent pair of lowest rank
-        (leftmost on ties), the order of HF's merge queue, until no adjacent pair has a merge."""
+        (leftmost on ties), as HF's merge queue does. A heap of candidate pairs over a linked list
+        of symbols keeps this O(n log n): a 1 MB run of letters is one pre-token."""
         if self.ignore_merges and word in self.vocab:
             return [self.vocab[word]]
-        symbols = list(word)
-        while len(symbols) > 1:
-            rank, i = min((self.ranks.get(pair, sys.maxsize), i)
-                          for i, pair in enumerate(zip(symbols, symbols[1:])))
-            if rank == sys.maxsize:
-                break
-            symbols[i:i + 2] = [symbols[i] + symbols[i + 1]]
-        return [self.vocab[s] for s in symbols]
+        n = len(word)
+        symbols = list(word)                           # symbols[i] = "" once merged into its left
+        nxt = list(range(1, n + 1))                    # linked list over the live symbols
+        prv = list(range(-1, n - 1))
+        heap = [(self.ranks[pair], i, *pair) for i, pair in enumerate(zip(word, word[1:]))
+                if pair in self.ranks]
+        heapq.heapify(heap)
+        while heap:
+            _, i, a, b = heapq.heappop(heap)
+            j = nxt[i]
+            if symbols[i] != a or j >= n or symbols[j] != b:
+                continue                               # stale: one side was merged meanwhile
+            symbols[i], symbols[j] = a + b, ""
+            nxt[i] = nxt[j]
+            if nxt[i] < n:
+                prv[nxt[i]] = i
+            # the merged symbol forms new pairs with its neighbours
+            for left, right in ((prv[i], i), (i, nxt[i])):
+                pair = (symbols[left], symbols[right]) if left >= 0 and right < n else None
+                if pair in self.ranks:
+                    heapq.heappush(heap, (self.ranks[pair], left, *pair))
+        return [self.vocab[s] for s in symbols if s]
 
     def decode(self, ids):
         """Ids -> text. Bytes that are not valid UTF-8 (e.g. half of a 4-byte emoji) become U+FFFD,
         as HF's from_utf8_lossy does; ids outside the vocabulary are skipped, as HF does."""
-        n = self.vocab_size
-        data = b"".join(self.id_bytes[i] for i in ids if 0 <= i < n)
+        data = b"".join(self.id_bytes.get(i, b"") for i in ids)
         return data.decode("utf-8", errors="replace")
 
 

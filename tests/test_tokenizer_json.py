@@ -94,6 +94,8 @@ def test_hand_written_ids(tmp_path, merges_as_lists):
     assert enc("I'M") == [ord("I"), Q_M]           # (?i:'m) takes "'M" as one pre-token
     assert enc("é\n\n") == [E_ACUTE, NL2]          # UTF-8 c3 a9 -> "Ã©"; "\n\n" is one pre-token
     assert enc("xyz") == [ord("x"), ord("y"), ord("z")]           # no merge makes "xyz"
+    # one pre-token of 200001 letters: merged in O(n log n) (a quadratic loop would take hours)
+    assert enc("a" * 200_001) == [AA] * 100_000 + [ord("a")]
     # added tokens are cut out before BPE
     assert enc("a<|end|>b<|begin|>") == [ord("a"), END, ord("b"), BEGIN]
     assert (tok.bos_id, tok.eos_id) == (BEGIN, END)
@@ -108,6 +110,13 @@ def test_hand_written_gpt2_style_and_ignore_merges(tmp_path):
     ignore = Tokenizer(write_tiny(tmp_path / "ignore", "llama3", ignore_merges=True)).bpe.encode
     assert ignore("xyz") == [XYZ]                  # a pre-token that is in the vocab is one token
     assert ignore("abc") == [ord("a"), BC]
+    # a merge listed twice keeps its last rank (HF builds a map): "a b" first *and* at rank 7
+    d = write_tiny(tmp_path / "dup")
+    data = json.loads(open(os.path.join(d, "tokenizer.json"), encoding="utf-8").read())
+    data["model"]["merges"].insert(0, "a b")
+    with open(os.path.join(d, "tokenizer.json"), "w", encoding="utf-8") as f:
+        json.dump(data, f)
+    assert Tokenizer(d).bpe.encode("abc") == [ord("a"), BC]
 
 
 def test_hand_written_decode(tmp_path):
@@ -209,7 +218,8 @@ def train_hf(style):
                                   initial_alphabet=pt.ByteLevel.alphabet())
     tok.train_from_iterator(CORPUS * 20, trainer)
     tok.add_tokens([tk.AddedToken("<tool>", special=False)])        # an ordinary added token
-    tok.add_special_tokens([tk.AddedToken("<|l|>", lstrip=True), tk.AddedToken("<|r|>", rstrip=True)])
+    tok.add_special_tokens([tk.AddedToken("<|l|>", lstrip=True),
+                            tk.AddedToken("<|r|>", rstrip=True)])
     return tok
 
 
