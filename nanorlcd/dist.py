@@ -120,6 +120,16 @@ def shard(items):
     return items[rank()::world_size()]
 
 
+def shard_padded(items):
+    """This rank's share padded to the same length on every rank -> (share, n_real): FSDP2 needs every
+    rank to run the same number of forwards (a rank that stops early leaves the others waiting in an
+    all-gather), so evaluation loops over `share` and ignores results past n_real. The padding
+    repeats items[0]; an empty list stays empty everywhere."""
+    mine = shard(items)
+    longest = -(-len(items) // world_size())                         # ceil(n / world)
+    return mine + items[:1] * (longest - len(mine)), len(mine)
+
+
 def gather(local_items):
     """Inverse of `shard`: every rank gets the full list in the original order."""
     if not torch_dist.is_initialized():

@@ -119,6 +119,19 @@ def test_memory_formulas_match_exact_counts():
     assert sum(memory.stage_bytes(cfg, "ppo-rollout", 1, False).values()) / 1e9 > 200
 
 
+def test_shard_padded_gives_every_rank_the_same_length(monkeypatch):
+    items = list(range(7))
+    for world in (1, 2, 3, 4):
+        monkeypatch.setattr(dist, "world_size", lambda: world)
+        shares = []
+        for r in range(world):
+            monkeypatch.setattr(dist, "rank", lambda: r)
+            shares.append(dist.shard_padded(items))
+        assert {len(share) for share, _ in shares} == {-(-7 // world)}
+        real = sorted(x for share, n in shares for x in share[:n])
+        assert real == items                                  # the real items, each exactly once
+
+
 def test_timeout_setting():
     assert dist.timeout(5) == 5.0
     with pytest.raises(ValueError, match="NANORLCD_DIST_TIMEOUT"):
