@@ -7,6 +7,7 @@ Each `--stage` reads the previous stage's artifact from the run directory out/<r
   sft       context-distillation baseline: SFT on (p, o+) (Sec. 4)           -> sft/
   ppo       PPO against the PM with a KL penalty to the base (Sec. 3, step 3) -> ppo-<method>/
   sample    replies of a policy on held-out prompts (+ oracle rates in the toy) -> samples-<name>.jsonl
+  eval      pairwise win rate of --policy A over --against B (Tables 2, 3, 6)   -> eval-<a>-vs-<b>.json
   all       toy world: pretrain -> simulate -> pm -> ppo -> sample, making what is missing
 Settings: presets (`toy` default, `fast` for tests, `llama7b-harmless`, `llama7b-helpful`) are dataclass
 instances defined below; any field is reachable as --<section>.<field>=value (e.g. --ppo.kl_coef=0.002).
@@ -26,7 +27,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from nanorlcd import checkpoint, dist, toy
+from nanorlcd import checkpoint, dist, evaluate, toy
 from nanorlcd.data import load_prompts, read_records, read_sft_data
 from nanorlcd.dialogue import HUMAN, cut_reply
 from nanorlcd.model import LLaMA
@@ -38,7 +39,7 @@ from nanorlcd.sample import filter_logits, generate
 from nanorlcd.sft import SFTConfig, train_lm
 from nanorlcd.tokenizer import Tokenizer, left_pad
 
-STAGES = ("pretrain", "simulate", "pm", "sft", "ppo", "sample", "all")
+STAGES = ("pretrain", "simulate", "pm", "sft", "ppo", "sample", "eval", "all")
 
 
 @dataclass
@@ -392,6 +393,29 @@ def write_jsonl_atomic(path, rows):
     os.replace(tmp, path)
 
 
+def stage_eval(run, name_a, name_b):
+    """Pairwise win rate of policy A's replies over policy B's on the same prompts (paper Tables 2, 3, 6), both
+    read from their samples files, judged by the toy oracle, a preference model or an LM judge (--judge)."""
+    paths = []
+    for name in (name_a, name_b):
+        path = os.path.join(run.dir, f"samples-{sample_name(run, name)}.jsonl")
+        paths.append(run.need(path, f"sample --policy {name}"))
+    spec = run.args.judge or ("oracle" if run.p.toy else None)
+    if spec is None:
+        raise SystemExit("error: --stage eval on a real preset needs --judge (a preference-model or LM dir)")
+    task = run.args.task or run.p.task
+    result = evaluate.compare(paths[0], paths[1], evaluate.load_judge(spec, task, dist.device()),
+                              column=task)
+    dist.print0(evaluate.markdown_table([result["row"]]))
+    summary = {k: result[k] for k in ("rate", "lo", "hi", "n", "wins", "ties", "losses", "mean_p")}
+    summary.update(judge=spec, task=task)
+    if dist.is_main():
+        out = os.path.join(run.dir, f"eval-{sample_name(run, name_a)}-vs-{sample_name(run, name_b)}.json")
+        write_jsonl_atomic(out, [{**summary, "row": result["row"]}])
+    _summarise(run, f"eval-{name_a}-vs-{name_b}", summary)
+    return summary
+
+
 def _summarise(run, stage, summary):
     """One line on stdout and one JSON line in out/<run>/summary.jsonl per finished stage (rank 0)."""
     if not dist.is_main():
@@ -440,14 +464,19 @@ def parse_args(argv=None):
     # not --run: torchrun's own parser takes it as an abbreviation of its --run-path
     ap.add_argument("--run-name", default=None, help="run directory name (default: the preset's)")
     ap.add_argument("--method", default="rlcd", choices=METHODS, help="preference simulation method")
-    ap.add_argument("--task", default=None, choices=("harmless", "helpful", "outline"))
+    ap.add_argument("--task", default=None,
+                    choices=("harmless", "helpful", "harmless_helpful", "outline"),
+                    help="affixes and instructions (simulate); the judge's question (eval)")
     ap.add_argument("--base", default=None, help="base LLaMA HF directory (real presets)")
     ap.add_argument("--prompts", default=None,
                     help="prompt file (HH-RLHF jsonl, {prompt} jsonl, premises) or toy:<split>")
     ap.add_argument("--eval-prompts", default=None,
                     help="--stage sample: held-out prompts (e.g. HH-RLHF test.jsonl)")
     ap.add_argument("--policy", default="ppo-rlcd",
-                    help="--stage sample: base, sft, ppo-<method> or a directory")
+                    help="--stage sample/eval: base, sft, ppo-<method> or a directory")
+    ap.add_argument("--against", default="base", help="--stage eval: policy B (A is --policy)")
+    ap.add_argument("--judge", default=None,
+                    help="--stage eval: oracle (toy default), a preference-model dir or an LM dir")
     ap.add_argument("--hh-eval", default=None,
                     help="--stage pm: HH-RLHF jsonl whose first 2000 pairs measure agreement with humans")
     ap.add_argument("--resume", action="store_true", help="--stage simulate: continue an interrupted file")
@@ -492,6 +521,7 @@ def main(argv=None):
     stage = {"pretrain": lambda: stage_pretrain(run), "simulate": lambda: stage_simulate(run, args.method),
              "pm": lambda: stage_pm(run, args.method), "sft": lambda: stage_sft(run),
              "ppo": lambda: stage_ppo(run, args.method), "sample": lambda: stage_sample(run, args.policy),
+             "eval": lambda: stage_eval(run, args.policy, args.against),
              "all": lambda: stage_all(run)}[args.stage]
     try:
         stage()
