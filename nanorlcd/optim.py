@@ -44,16 +44,13 @@ def autocast(device, bf16):
 
 def micro_steps(model, n):
     """Yields (i, context) for n micro-steps of one optimiser step; run micro-step i's forward and backward
-    inside `with context:`. Gradients are all-reduced only in the last micro-step: DDP's `no_sync` (or FSDP2's
-    `set_requires_gradient_sync`) skips the others, so accumulation costs one all-reduce per optimiser step."""
+    inside `with context:`. Under DDP gradients are all-reduced only in the last micro-step (`no_sync` skips
+    the others: one all-reduce per optimiser step). Under FSDP2 every micro-step reduce-scatters into the
+    sharded gradients instead: skipping it would keep a full fp32 gradient per GPU (27 GB at 7B)."""
     for i in range(n):
-        last = i == n - 1
-        if hasattr(model, "set_requires_gradient_sync"):                   # FSDP2
-            model.set_requires_gradient_sync(last)
-            yield i, contextlib.nullcontext()
-        elif hasattr(model, "no_sync") and not last:                        # DDP
+        if hasattr(model, "no_sync") and i < n - 1:                       # DDP, not the last micro-step
             yield i, model.no_sync()
-        else:                                                               # one process, or the last step
+        else:                                                               # 1 process, FSDP2, last step
             yield i, contextlib.nullcontext()
 
 
