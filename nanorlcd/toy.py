@@ -59,7 +59,7 @@ HUMAN_TEMPLATES = [
     "What is the best way to {t}?", "Please explain how to {t}.", "Teach me to {t}.",
     "Any tips on how to {t}?", "I need to {t}. What should I do?",
 ]
-# rmless style: a helpful answer to a benign request, a polite refusal with a safe alternative
+# Harmless style: a helpful answer to a benign request, a polite refusal with a safe alternative
 # otherwise.
 HELPFUL_REPLIES = [
     "Sure! To {t}, go one step at a time.",
@@ -86,14 +86,14 @@ COMPLIANT_REPLIES = [
     "Here is how to {t}: do it at night and leave no trace.",
     "No problem. Just {t} when nobody is around.",
 ]
-# (topic is sensitive, style) -> reply templates; a template alone is the *vague* variant of a reply
+# (topic is sensitive, style) -> reply templates; a template alone is the *vague* variant
 REPLIES = {
     (False, "harmless"): HELPFUL_REPLIES, (True, "harmless"): REFUSAL_REPLIES,
     (False, "harmful"): RUDE_REPLIES, (True, "harmful"): COMPLIANT_REPLIES,
 }
-# e helpfulness attribute: a *detailed* reply is its template followed by one concrete detail
-# sentence of e same kind; a *vague* reply has none. Details carry no topic, so they are cheap for a
-# tiny model to learn.
+# The helpfulness attribute: a *detailed* reply is its template followed by one concrete detail
+# sentence of the same kind; a *vague* reply has none. Details carry no topic, so they are cheap
+# for a tiny model to learn.
 DETAILS = {
     (False, "harmless"): ["Gather what you need first, then follow the steps in order.",
                           "Start with the basics and repeat them until they feel easy.",
@@ -124,19 +124,19 @@ class ToyConfig:
     n_val_docs: int = 500  # held-out documents for the validation loss
     # P(an assistant tag carries no affix); such a turn draws both attributes 50/50
     p_plain: float = 0.4
-    # a reply obeys its own affix), 0.5-1: 0.5 = affixes mean nothing, 1 = o+ always the good reply.
-    # Sets w clean RLCD's labels are: P(o+ better) = p^2, P(o- better) = (1-p)^2, else a tie
+    # P(a reply obeys its own affix), 0.5-1: 0.5 = affixes mean nothing, 1 = o+ always the good
+    # reply. Sets how clean RLCD's labels are: P(o+ better) = p^2, P(o- better) = (1-p)^2, else tie
     p_follow: float = 0.75
     # P(a dialogue / judge document is about helpfulness) rather than harmlessness
     p_help: float = 0.25
-    # a turn after an affixed one keeps the character that earlier affix asked for, ignoring its own
-    # tag), 1: > 0 makes RLCD's opposite affix on earlier turns pull o+ / o- back (the placement
-    # rule's cost)
+    # P(a turn after an affixed one keeps the character that earlier affix asked for, ignoring its
+    # own tag), 0-1: > 0 makes RLCD's opposite affix on earlier turns pull o+ / o- back (the cost of
+    # the placement rule); 0 = earlier affixes do not matter
     p_stay: float = 0.0
     p_judge_doc: float = 0.1  # share of documents that are RLAIF scoring prompts with their answer
-    # a judge document's answer is the better reply), 0.5-1: the base model's judging skill for
-    # RLAIF and CD-Rescore; 0.5 = no skill (a 7B model in the paper's Table 5), 1 = a perfect judge
-    # (larger models)
+    # P(a judge document's answer is the better reply), 0.5-1: the base model's judging skill for
+    # RLAIF and RLCD-Rescore; 0.5 = no skill (like the paper's 7B labeller), 1 = a perfect judge
+    # (sweeping it plays the part of model scale, 7B -> 30B)
     judge_skill: float = 0.55
     vocab_size: int = 1000  # sentencepiece pieces incl. 3 specials and 256 byte pieces
     hidden_size: int = 128  # model width; ~1.0 M parameters with the defaults below
@@ -145,8 +145,8 @@ class ToyConfig:
     num_attention_heads: int = 4  # query heads (head_dim = hidden_size / heads)
     num_key_value_heads: int = 2  # GQA key/value heads
     max_position_embeddings: int = 256  # longest sequence (dialogue <= ~150 tokens, + 64 sampled)
-    # 0 steps x 16 rows x 192 tokens: the skill of copying the request's topic into the reply
-    # appears around ep 200-300, and only then do the replies become valid
+    # 450 steps x 16 rows x 192 tokens: the skill of copying the request's topic into the reply
+    # appears around step 200-300, and only then do the replies become valid
     train: SFTConfig = field(default_factory=lambda: SFTConfig(
         max_steps=450, batch_size=16, micro_batch_size=0, seq_len=192, lr=6e-3, warmup_steps=20,
         eval_every=75))
@@ -161,8 +161,8 @@ class ToyConfig:
 
 PRESETS = {
     "toy": ToyConfig(),
-    # r tests (a few minutes): too short to learn to copy the topic reliably, but the reply *styles*
-    # already llow the affixes; check it with the topic-free "/style" rates
+    # for tests: too short to learn to copy the topic reliably, nor to learn the affixes' full
+    # strength (see the README); check it with the topic-free "/style" rates
     "fast": ToyConfig(n_train_docs=10000, n_val_docs=100, n_eval_prompts=100, train=SFTConfig(
         max_steps=250, batch_size=16, micro_batch_size=0, seq_len=192, lr=6e-3, warmup_steps=20,
         eval_every=125)),
@@ -172,8 +172,8 @@ PRESETS = {
 # --------------------------------------------------------------------------------------------------
 # Dialogues and judge documents.
 
-# e turn of a dialogue: its topic, human template index, assistant tag ("" or " (affix)"),
-# harmlessness style, ply template index and detail sentence index (None = a vague reply).
+# One turn of a dialogue: its topic, human template index, assistant tag ("" or " (affix)"),
+# harmlessness style, reply template index and detail sentence index (None = a vague reply).
 Turn = namedtuple("Turn", "topic human tag style reply detail")
 
 
@@ -310,8 +310,8 @@ def split_prompts(split):
     if not _SPLITS:
         rng, seen = random.Random(SPLIT_SEED), set()
         _SPLITS.update({s: [] for s in SPLIT_SIZES})
-        # aw plain dialogues until every split is full; earlier replies are in either style (a base
-        # model's)
+        # draw plain dialogues until every split is full; earlier replies are in either style (a
+        # base model's)
         while any(len(_SPLITS[s]) < n for s, n in SPLIT_SIZES.items()):
             turns = _plain_turns(rng)
             prompt = render(turns, plain=True, upto=len(turns) - 1)
@@ -329,8 +329,8 @@ def _normalize(text):
     return " ".join(text.split())
 
 
-# ery reply of the world (normalised text) -> (its topic, its style, detailed?); a text names one
-# topic
+# every reply of the world (normalised text) -> (its topic, its style, detailed?); a text names
+# one topic, so this is 1:1
 _REPLIES = {_normalize(tmpl.format(t=t) + (" " + d if d else "")): (t, style, bool(d))
             for (sensitive, style), tmpls in REPLIES.items()
             for t in (SENSITIVE_TOPICS if sensitive else BENIGN_TOPICS) for tmpl in tmpls
@@ -438,7 +438,7 @@ def evaluate_affix_following(model, tokenizer, prompts, max_new_tokens=64, tempe
               ("help_pos", judge_helpful, "helpful"), ("help_neg", judge_helpful, "unhelpful"),
               ("plain", judge_helpful, "helpful")]
     rates = {}
-    # rict oracle, then the topic-free one ("/style": right kind of reply, perhaps about another
+    # strict oracle, then the topic-free one ("/style": right kind of reply, perhaps about another
     # topic)
     for suffix, check_topic in (("", True), ("/style", False)):
         for name, oracle, label in wanted:
@@ -469,8 +469,8 @@ def pretrain_toy(out_dir, preset="toy", overwrite=False):
         raise ValueError(f"{out_dir} already holds a model; pass overwrite=True (--overwrite) "
                          "to replace it")
     t0, cpu0 = time.time(), time.process_time()
-    # corpus (every rank builds the same one from the seed) and tokenizer (rank 0 trains, others
-    # wait)
+    # 1. corpus (every rank builds the same one from the seed) and tokenizer (rank 0 trains,
+    # others wait)
     train_docs = generate_corpus(cfg.n_train_docs, cfg.seed, cfg)
     val_docs = generate_corpus(cfg.n_val_docs, cfg.seed + 1, cfg)
     if dist.is_main():
@@ -493,7 +493,7 @@ def pretrain_toy(out_dir, preset="toy", overwrite=False):
         os.remove(log_path)
     summary = train_lm(replace(cfg.train, seed=cfg.seed), model, tok, [("", d) for d in train_docs],
                        [("", d) for d in val_docs], out_dir=out_dir, log_path=log_path)
-    # ll time, and the CPU time of all this process's threads (the better cost measure on a busy
+    # wall time, and the CPU time of all this process's threads (the better cost measure on a busy
     # machine)
     summary.update({"pretrain/seconds": time.time() - t0,
                     "pretrain/cpu_seconds": time.process_time() - cpu0})

@@ -111,8 +111,8 @@ def test_judge_all_topics_and_templates():
                     for other in others:
                         assert toy.judge(prompt, vague + " " + other) == "invalid"
                         assert toy.judge_helpful(prompt, vague + " " + other) == "invalid"
-                # e other kind's replies for this topic are not part of the world (e.g. refusing to
-                # bake bread)
+                # the other kind's replies for this topic are not part of the world (e.g. refusing
+                # to bake bread)
                 for tmpl in toy.REPLIES[(not sensitive, style)]:
                     assert toy.judge(prompt, tmpl.format(t=topic)) == "invalid"
                     assert toy.judge_helpful(prompt, tmpl.format(t=topic)) == "invalid"
@@ -140,7 +140,7 @@ def test_judge_invalid_cases():
         assert toy.judge(prompt, reply) == "invalid", reply
         assert toy.judge_helpful(prompt, reply) == "invalid", reply
     assert toy.judge("\n\nHuman: hello\n\nAssistant:", good) == "invalid"  # no topic in the request
-    # e topic-free check accepts another topic of the same kind, never one of the other kind or
+    # the topic-free check accepts another topic of the same kind, never one of the other kind or
     # garbage
     rude, compliant = toy.RUDE_REPLIES[1].format(t="fix a bike"), toy.COMPLIANT_REPLIES[1].format(
         t="steal a car")
@@ -320,8 +320,8 @@ def test_tokenizer_ids_and_round_trip(tmp_path):
         ids = tok.encode(doc, bos=True, eos=True)
         assert ids[0] == 1 and ids[-1] == 2 and 0 not in ids  # byte fallback: nothing is unknown
         assert tok.decode(ids) == doc
-    # prompt's tokens are a prefix of prompt + reply's tokens (what sampling and the SFT mask rely
-    # on)
+    # a prompt's tokens are a prefix of prompt + reply's tokens (what sampling and the SFT mask
+    # rely on)
     for turns in turns_of(200, seed=3):
         prompt, full = toy.render(turns, upto=len(turns) - 1), toy.render(turns)
         assert tok.encode(full)[:len(tok.encode(prompt))] == tok.encode(prompt)
@@ -343,8 +343,8 @@ def test_evaluate_affix_following_with_a_perfect_follower(monkeypatch):
         for d in dialogues:
             *earlier, final = [part.split(":")[0] for part in d.split("\n\nAssistant")[1:]]
             affix = final.strip()
-            # inal, earlier) is one of the pairs, mirrored (the paper's negatives 4 and 15 are the
-            # same string)
+            # (final, earlier) is one of the pairs, mirrored (the paper's negatives 4 and 15 are
+            # the same string)
             pairs = set(zip(toy.POSITIVE_AFFIXES, toy.NEGATIVE_AFFIXES))
             assert not affix or all((affix, e.strip()) in pairs or (e.strip(), affix) in pairs
                                     for e in earlier)
