@@ -144,11 +144,11 @@ def test_sft_view(tmp_path):
 
 def test_hh_pairs_limit_reads_the_first_lines(tmp_path):
     # the reference's agreement script reads the first N lines of the HH-RLHF train file
-    rows = [json.dumps({"chosen": ONE_TURN.replace("bread", f"bread {i}"),
-                        "rejected": ONE_TURN.replace("Mix", f"Burn {i}")}) for i in range(5)]
+    chosen = [ONE_TURN.replace("bread", f"bread {i}") for i in range(5)]
+    rows = [json.dumps({"chosen": c, "rejected": c.replace("Mix", "Burn")}) for c in chosen]
     path = write_lines(tmp_path / "train.jsonl", rows[:2] + ["not json"] + rows[2:])
     pairs, summary = load_hh_pairs(path, limit=3)
-    assert [p["prompt"] for p in pairs] == [reference_prompt(json.loads(r)["chosen"]) for r in rows[:2]]
+    assert [p["prompt"] for p in pairs] == [reference_prompt(c) for c in chosen[:2]]
     assert (summary["lines"], summary["bad"]) == (3, 1)
 
 
@@ -156,8 +156,8 @@ def test_read_prefs_is_the_one_reader(tmp_path):
     pm = pytest.importorskip("nanorlcd.pm")
     good = {"id": 0, "prompt": "\n\nHuman: q\n\nAssistant:", "chosen": "a", "rejected": "b"}
     path = write_lines(tmp_path / "prefs.jsonl", [
-        json.dumps({**good, "label_prob": 0.25}), "", "{broken", json.dumps({**good, "label_prob": 2}),
-        json.dumps({**good, "label_prob": None})])
+        json.dumps({**good, "label_prob": 0.25}), "", "{broken",
+        json.dumps({**good, "label_prob": 2}), json.dumps({**good, "label_prob": None})])
     with pytest.raises(ValueError, match=r"prefs\.jsonl:3: bad preference record \(2 bad lines"):
         read_prefs(path)
     records, summary = read_prefs(path, skip_bad=True)
@@ -166,14 +166,15 @@ def test_read_prefs_is_the_one_reader(tmp_path):
     assert pm.read_prefs(path, skip_bad=True) == (records, summary)       # the PM reads through it
     # the simulator's own files must carry every record field
     with pytest.raises(ValueError, match=r"prefs\.jsonl:1: .*no id/task/method"):
-        read_records(write_lines(tmp_path / "prefs.jsonl", [json.dumps({k: v for k, v in good.items()
-                                                                            if k != "id"})]))
+        no_id = {k: v for k, v in good.items() if k != "id"}
+        read_records(write_lines(tmp_path / "prefs.jsonl", [json.dumps(no_id)]))
     assert read_records(write_lines(tmp_path / "empty.jsonl", [""])) == []
 
 
 def test_non_utf8_is_a_one_line_error_with_file_and_line(tmp_path):
     # line 2 holds "café" written in Latin-1 (0xe9), as a file saved in the wrong encoding does
-    latin1 = json.dumps({"chosen": "\n\nHuman: cafX\n\nAssistant: ok"}).encode().replace(b"X", b"\xe9")
+    latin1 = json.dumps({"chosen": "\n\nHuman: cafX\n\nAssistant: ok"}).encode()
+    latin1 = latin1.replace(b"X", b"\xe9")
     hh = tmp_path / "hh.jsonl"
     hh.write_bytes(json.dumps({"chosen": ONE_TURN}).encode() + b"\n" + latin1 + b"\n")
     for call in (lambda: load_prompts(str(hh)), lambda: load_prompts(str(hh), kind="hh"),
@@ -186,8 +187,8 @@ def test_non_utf8_is_a_one_line_error_with_file_and_line(tmp_path):
 def test_utf8_bom_keeps_the_first_record(tmp_path):
     bom = b"\xef\xbb\xbf"
     hh = tmp_path / "hh.jsonl"
-    hh.write_bytes(bom + (json.dumps({"chosen": ONE_TURN}) + "\n" + json.dumps({"chosen": TWO_TURNS})
-                          + "\n").encode())
+    lines = [json.dumps({"chosen": ONE_TURN}), json.dumps({"chosen": TWO_TURNS})]
+    hh.write_bytes(bom + "".join(x + "\n" for x in lines).encode())
     prompts, summary = load_prompts(str(hh))                               # the kind is guessed too
     assert summary["kind"] == "hh" and summary["bad"] == 0
     assert prompts == [reference_prompt(ONE_TURN), reference_prompt(TWO_TURNS)]
@@ -207,8 +208,9 @@ def test_shipped_premise_file(tmp_path):
     raw = [x.strip() for x in open(path, encoding="utf-8") if x.strip() and not x.startswith("#")]
     assert summary["kind"] == "premises" and summary["bad"] == 0 and len(prompts) == len(raw) == 12
     assert prompts == [f"\n\nHuman: {OUTLINE_REQUEST.format(premise=p)}\n\nAssistant:" for p in raw]
-    # format rules: '#' comments and blank lines are not data; a turn tag inside a premise is a bad line
-    mine = write_lines(tmp_path / "mine.txt", ["# header", "A cat sails.", "", "Human: hi", "  A dog flies. "])
+    # format: '#' comments and blank lines are not data; a turn tag inside a premise is a bad line
+    mine = write_lines(tmp_path / "mine.txt",
+                       ["# header", "A cat sails.", "", "Human: hi", "  A dog flies. "])
     prompts, summary = load_prompts(mine)
     assert [p.split("premise: ")[1] for p in prompts] == ["A cat sails.\n\nAssistant:",
                                                           "A dog flies.\n\nAssistant:"]

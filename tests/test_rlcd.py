@@ -1,21 +1,21 @@
-"""Tests for nanorlcd/rlcd.py: contrastive prompts, post-processing, RLAIF labels, resumable simulation.
+"""Tests for nanorlcd/rlcd.py: contrastive prompts, post-processing, RLAIF labels, simulation files.
 
 What is checked, and against what:
-- affix placement: byte-exact p+ / p- for one-, two- and three-turn dialogues, and the reference's own
-  string-replace rule (simulate_preference_data.py `create_prompts`) on every pair of every task;
+- affix placement: byte-exact p+ / p- for one-, two- and three-turn dialogues, and the reference's
+  own string-replace rule (simulate_preference_data.py `create_prompts`) on every pair of every task;
 - `postprocess` against its rule table, case by case;
 - the A/B ids in both modes: "project" = the tokens "(A" / "(B" add to the scoring prompt's ending,
   "reference" = encode('A')[-1] / encode('B')[-1]; on a LLaMA-style 32000-piece sentencepiece model
   trained here they are the pieces "A"/"B" and "▁A"/"▁B" (what LLaMA's tokenizer gives);
-- the RLAIF soft label: `score_ab` (padded batch, backbone + lm_head on the last position) against a full
-  forward of each prompt alone and the two-logit softmax written by hand, in both modes; and the records
-  of an rlaif and an rlcd_rescore simulation against that independent scoring of their own pairs;
-- resume: a run interrupted mid-batch, with a partial last line, then resumed, writes byte-for-byte the
-  file of an uninterrupted run; two ranks (simulated in-process) + `merge_shards` write it too;
-- completeness (faults reproduced): an interrupted run leaves no `prefs.jsonl` (only `.partial` files) and
-  an earlier finished output untouched; a resume with other prompts or settings is refused; a second live
-  writer is refused, a stale lock (dead pid) is taken over.
-The model is a tiny random LLaMA whose lm_head gets a bias towards EOS, so replies end after a few tokens.
+- the RLAIF soft label: `score_ab` (padded batch, last position only) against a full forward of each
+  prompt alone and the two-logit softmax written by hand, in both modes; and the records of an rlaif
+  and an rlcd_rescore simulation against that independent scoring of their own pairs;
+- resume: a run interrupted mid-batch, with a partial last line, then resumed, writes byte-for-byte
+  the file of an uninterrupted run; two ranks (in-process) + `merge_shards` write it too;
+- completeness (faults reproduced): an interrupted run leaves no prefs.jsonl (only .partial files)
+  and an earlier finished output untouched; a resume with other prompts, settings or model is
+  refused; a second live writer is refused, a stale lock (dead pid) is taken over.
+The model is a tiny random LLaMA whose lm_head is biased towards EOS, so replies end after a few tokens.
 Run: `python -m pytest tests/test_rlcd.py -q`
 """
 import io
@@ -263,14 +263,14 @@ def test_config_errors(model, tok, tmp_path):
     out = str(tmp_path / "prefs.jsonl")
     simulate(RLCDConfig(batch_size=4, max_new_tokens=8), model, tok, PROMPTS[:2], out, progress=False)
     with pytest.raises(ValueError, match="method='rlcd', this one 'rlaif'"):
-        simulate(RLCDConfig(method="rlaif", batch_size=4, max_new_tokens=8), model, tok, PROMPTS[:2],
-                 out, resume=True, progress=False)
+        simulate(RLCDConfig(method="rlaif", batch_size=4, max_new_tokens=8), model, tok,
+                 PROMPTS[:2], out, resume=True, progress=False)
     with pytest.raises(ValueError, match="ab_tokens"):
         simulate(RLCDConfig(ab_tokens="letters"), model, tok, PROMPTS, str(tmp_path / "y.jsonl"),
                  progress=False)
 
 
-# ----------------------------------------------------------------------------- completeness, resume checks, lock
+# ------------------------------------------------------------------------ complete, resume, lock
 
 def test_interrupted_run_leaves_the_previous_output_untouched(model, tok, tmp_path):
     cfg = RLCDConfig(method="rlcd", batch_size=3, max_new_tokens=16, seed=4)
@@ -278,9 +278,9 @@ def test_interrupted_run_leaves_the_previous_output_untouched(model, tok, tmp_pa
     simulate(cfg, model, tok, PROMPTS, out, progress=False)
     before, marker = open(out).read(), completion(out)
     assert marker["records"] == len(read_records(out)) and marker["settings"]["n_prompts"] == 7
-    # a fresh run with another seed, killed after 2 records: the finished output is still the old one
-    stopped = simulate(RLCDConfig(method="rlcd", batch_size=3, max_new_tokens=16, seed=5), model, tok,
-                       PROMPTS, out, max_records=2, progress=False)
+    # a fresh run with another seed, killed after 2 records: the finished output is the old one
+    other = RLCDConfig(method="rlcd", batch_size=3, max_new_tokens=16, seed=5)
+    stopped = simulate(other, model, tok, PROMPTS, out, max_records=2, progress=False)
     assert stopped["stopped"] and not stopped["complete"]
     assert open(out).read() == before and is_complete(out)
     assert len(read_records(partial_path(out))) == 2
@@ -298,7 +298,8 @@ def test_resume_refuses_other_inputs_or_settings(model, tok, tmp_path, change):
     simulate(cfg, model, tok, PROMPTS, out, max_records=2, progress=False)
     prompts = change.pop("prompts", PROMPTS)
     field = "n_prompts" if len(prompts) != len(PROMPTS) else next(iter(change), "prompts_sha256")
-    with pytest.raises(ValueError, match=f"prefs.jsonl.partial.json: the run to resume has {field}="):
+    message = f"prefs.jsonl.partial.json: the run to resume has {field}"
+    with pytest.raises(ValueError, match=message):
         simulate(RLCDConfig(**{**cfg.__dict__, **change}), model, tok, prompts, out, resume=True,
                  progress=False)
     # the same inputs resume fine
@@ -331,13 +332,13 @@ def test_second_writer_refused_and_stale_lock_taken_over(model, tok, tmp_path):
     assert is_complete(out) and not lock.exists()
 
 
-# ----------------------------------------------------------------------------- A/B ids on a LLaMA-style vocabulary
+# ------------------------------------------------------------------------ A/B ids, LLaMA-style
 
 @pytest.fixture(scope="module")
 def llama_style_tok(tmp_path_factory):
-    """A 32000-piece BPE sentencepiece model trained here with LLaMA's settings (byte fallback, dummy
-    prefix, identity normaliser, unk 0 / bos 1 / eos 2) on a synthetic corpus large enough for 32000
-    pieces (~6 s). Like LLaMA's tokenizer it has both "A" and the word-initial "▁A"."""
+    """A 32000-piece BPE sentencepiece model trained here with LLaMA's settings (byte fallback,
+    dummy prefix, identity normaliser, unk 0 / bos 1 / eos 2) on a synthetic corpus big enough for
+    32000 pieces (~6 s). Like LLaMA's tokenizer it has both "A" and the word-initial "▁A"."""
     import sentencepiece as spm
 
     from nanorlcd.tokenizer import Tokenizer
