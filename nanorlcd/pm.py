@@ -25,13 +25,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from nanorlcd import checkpoint, dist
+from nanorlcd import dist
 from nanorlcd.data import _parse_lines, cut_dialogue
 from nanorlcd.dialogue import reward_text
 from nanorlcd.model import (Transformer, init_weights, load_config, load_weights, read_config_json,
                             save_weights)
 from nanorlcd.optim import autocast, lr_at, micro_steps, optimizer_step, set_lr
-from nanorlcd.sft import stop_if_not_finite
+from nanorlcd.sft import resume_from, run_identity, save_checkpoint, stop_if_not_finite
 from nanorlcd.tokenizer import Tokenizer, left_pad
 
 
@@ -278,34 +278,6 @@ class PMConfig:
     seed: int = 0                # data order and head init; the same on every rank
 
 
-def _save(pm, tokenizer, optimizer, cfg, out_dir, step, resume_state=None):
-    """Rank 0 writes the PM (HF layout), its tokenizer, the resolved config and, for a periodic
-    checkpoint, the training state (`resume_state`: optimizer, step, RNG, the run's identity) into a
-    fresh directory that replaces out_dir as a whole (an open log.jsonl is carried over)."""
-    if dist.is_main():
-        with checkpoint.atomic_dir(out_dir, keep=("log.jsonl",)) as tmp:
-            pm.save_pretrained(tmp, tokenizer=tokenizer)
-            with open(os.path.join(tmp, "pm_config.json"), "w") as f:
-                json.dump({**asdict(cfg), "step": step}, f, indent=1)
-            if resume_state is not None:
-                checkpoint.save_training_state(tmp, optimizer, step, checkpoint.rng_states(),
-                                               extra=resume_state)
-    dist.barrier()
-
-
-def _resume(out_dir, optimizer, identity):
-    """Load out_dir's training state into `optimizer` -> the step to continue from. The run must be
-    the same: same prefs file, pair counts and config (else a one-line error naming the field)."""
-    state = checkpoint.load_training_state(out_dir, optimizer)
-    saved = state["extra"]
-    for key in identity:
-        if saved.get(key) != identity[key]:
-            raise ValueError(f"{out_dir}: cannot resume: its checkpoint has {key}="
-                             f"{saved.get(key)!r}, this run {identity[key]!r}")
-    checkpoint.set_rng_states(state["rng_states"])
-    return state["step"]
-
-
 def train_pm(cfg, base_dir, prefs_path, out_dir, log_path=None, resume=False):
     """Train a PM from `base_dir` (a base LLaMA dir, or a PM dir to continue) on the pairs of
     `prefs_path`; writes the PM to `out_dir` and JSONL metrics to log_path (out_dir/log.jsonl).
@@ -339,12 +311,8 @@ def train_pm(cfg, base_dir, prefs_path, out_dir, log_path=None, resume=False):
     # texts never exceed the context the base was trained for (the header logs the resolved max_len)
     cfg = replace(cfg, max_len=min(cfg.max_len, pm.config.max_position_embeddings))
     optimizer = torch.optim.AdamW(pm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    # what a resumed run must share with the run it continues
-    identity = {"prefs": os.path.abspath(prefs_path), "train_pairs": len(train),
-                "config": {k: v for k, v in asdict(cfg).items()
-                           if k not in ("save_every", "log_every")},
-                "world_size": world}
-    start = _resume(out_dir, optimizer, identity) if resume else 0
+    identity = run_identity(cfg, records)
+    start = resume_from(out_dir, optimizer, identity) if resume else 0
     ddp_pm = dist.wrap(pm)
     if dist.is_main():
         os.makedirs(out_dir, exist_ok=True)
@@ -414,11 +382,17 @@ def train_pm(cfg, base_dir, prefs_path, out_dir, log_path=None, resume=False):
         bar.update(1)
         bar.set_postfix(loss=f"{record['pm/loss']:.3f}", acc=f"{record['pm/acc']:.2f}")
         summary.update(record)
-        # 5. checkpoints from the unwrapped module: periodic ones resumable, the last one the result
+        # 5. checkpoints of the unwrapped module + tokenizer + resolved config, swapped in whole;
+        #    the periodic ones add the training state, the last one is the result
+        def write(tmp):
+            pm.save_pretrained(tmp, tokenizer=tokenizer)
+            with open(os.path.join(tmp, "pm_config.json"), "w") as f:
+                json.dump({**asdict(cfg), "step": step + 1}, f, indent=1)
+
         if last:
-            _save(pm, tokenizer, optimizer, cfg, out_dir, step + 1)
+            save_checkpoint(out_dir, write)
         elif cfg.save_every and (step + 1) % cfg.save_every == 0:
-            _save(pm, tokenizer, optimizer, cfg, out_dir, step + 1, resume_state=identity)
+            save_checkpoint(out_dir, write, optimizer, step + 1, resume_state=identity)
     bar.close()
     summary.update({"pm/seconds": time.time() - t0, "pm/skipped_lines": data_summary["bad"]})
     if log:

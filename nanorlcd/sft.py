@@ -11,6 +11,7 @@ Simplified: `packing=True` (toy pretraining, as nanoGPT) packs whole examples in
 attend to each other; an over-long example keeps its last tokens (the reference keeps its first).
 Run: `python train.py --stage sft`; in code `train_lm(SFTConfig(), model, tok, train, val, out)`.
 """
+import hashlib
 import json
 import math
 import os
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from nanorlcd import dist
+from nanorlcd import checkpoint, dist
 from nanorlcd.dialogue import HUMAN, join
 from nanorlcd.optim import autocast, lr_at, micro_steps, optimizer_step, set_lr
 
@@ -36,7 +37,7 @@ class SFTConfig:
     seq_len: int = 256              # input tokens per row (an over-long example keeps its end)
     packing: bool = True            # pack whole examples into rows; False: one per row (ref.)
     append_end_marker: bool = False  # target = response + "\n\nHuman:" + EOS (reference)
-    per_example_loss: bool = False  # mean of each example's mean token loss (ref.; packing off);
+    per_example_loss: bool = False  # mean of each example's mean token loss (ref.; no packing);
     #                                 False: the mean over all loss tokens of the global batch
     lr: float = 1e-3                # peak AdamW learning rate (reference distillation: 2e-5)
     warmup_steps: int = 30          # linear warmup steps; 0 = ceil(warmup_ratio * steps)
@@ -47,6 +48,7 @@ class SFTConfig:
     beta2: float = 0.95             # AdamW β2 (reference: 0.999, the HF Trainer's default)
     grad_clip: float = 1.0          # max global gradient norm, 0 = none (reference: 1.0)
     eval_every: int = 100           # validation loss every this many steps (and at the end)
+    save_every: int = 0             # resumable checkpoint in out_dir every N steps (0: none)
     log_every: int = 10             # JSONL line and printed line every this many steps
     bf16: bool = False              # bf16 autocast on CUDA (ignored on CPU, which trains in fp32)
     seed: int = 0                   # data-order seed (initial weights are the caller's)
@@ -148,6 +150,45 @@ def stop_if_not_finite(stage, step, **values):
                                  "nothing saved (lower the learning rate, check weights and data)")
 
 
+def _carried(name):
+    """Files of an old checkpoint directory that a new one keeps (logs, tokenizer, notes), but no
+    weights or training state: a save rewrites those, and no stale shard or state may survive."""
+    return not (name.endswith((".safetensors", ".safetensors.index.json"))
+                or name.startswith("training_state"))
+
+
+def save_checkpoint(out_dir, write, optimizer=None, step=0, resume_state=None):
+    """Rank 0 calls write(tmp) to put the model files into a fresh directory, adds the training
+    state (optimizer, step, RNG, `resume_state`) for a periodic checkpoint, and swaps it in for
+    out_dir as a whole (checkpoint.atomic_dir: a kill leaves the old one). Every rank waits."""
+    if dist.is_main():
+        with checkpoint.atomic_dir(out_dir, keep=_carried) as tmp:
+            write(tmp)
+            if resume_state is not None:
+                checkpoint.save_training_state(tmp, optimizer, step, checkpoint.rng_states(),
+                                               extra=resume_state)
+    dist.barrier()
+
+
+def resume_from(out_dir, optimizer, identity):
+    """Load out_dir's training state into `optimizer` and the RNGs -> the step to continue from.
+    The run must be the same (`identity`: data digest, config), else a one-line error naming it."""
+    state = checkpoint.load_training_state(out_dir, optimizer)
+    for key, value in identity.items():
+        if state["extra"].get(key) != value:
+            raise ValueError(f"{out_dir}: cannot resume: its checkpoint has {key}="
+                             f"{state['extra'].get(key)!r}, this run {value!r}")
+    checkpoint.set_rng_states(state["rng_states"])
+    return state["step"]
+
+
+def run_identity(cfg, data):
+    """What a resumed run must share with the run it continues: the data and the settings."""
+    digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    return {"data": digest, "config": {k: v for k, v in asdict(cfg).items()
+                                       if k not in ("save_every", "log_every", "eval_every")}}
+
+
 def check_config(cfg, world):
     """Validate an SFTConfig for `world` ranks -> (micro-batch size, accumulation steps)."""
     micro_batch_size = cfg.micro_batch_size or max(1, cfg.batch_size // world)
@@ -163,10 +204,12 @@ def check_config(cfg, world):
     return micro_batch_size, accum
 
 
-def train_lm(cfg, model, tokenizer, train_examples, val_examples, out_dir=None, log_path=None):
+def train_lm(cfg, model, tokenizer, train_examples, val_examples, out_dir=None, log_path=None,
+             resume=False):
     """Train `model` (on this rank's device, the same initial weights on every rank) on
     (prompt, response) pairs; an empty prompt means a pretraining document. Rank 0 saves model
-    + tokenizer to out_dir. Returns a summary dict (last train and val loss, steps, seconds)."""
+    + tokenizer to out_dir. resume=True continues from out_dir's last periodic checkpoint
+    (`save_every`) where it stopped. Returns a summary dict (last losses, steps, seconds)."""
     _, world, device = dist.init()
     micro_batch_size, accum = check_config(cfg, world)
     if not train_examples:
@@ -190,23 +233,33 @@ def train_lm(cfg, model, tokenizer, train_examples, val_examples, out_dir=None, 
             yield from epoch_rows(train_tok, cfg.seq_len, cfg.packing, cfg.seed + epoch)
             epoch += 1
 
-    # 2. optimizer: decay on matrices / embeddings (dim >= 2), none on RMSNorm weights
+    # 2. optimizer: decay on matrices / embeddings (dim >= 2), none on RMSNorm weights; a resumed
+    #    run first loads its weights (the loader may replace the parameter tensors)
+    identity, start = run_identity(cfg, [train_examples, val_examples]), 0
+    if resume:
+        dtype = next(model.parameters()).dtype
+        checkpoint.load_weights(model, out_dir, dtype=dtype, device=device)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    if resume:
+        start = resume_from(out_dir, optimizer, identity)
     ddp_model = dist.wrap(model)
     model.train()
     log = open(log_path, "a") if (log_path and dist.is_main()) else None
     if log:
-        log.write(json.dumps({"config": asdict(cfg), "max_steps": max_steps, "world_size": world})
-                  + "\n")
+        log.write(json.dumps({"config": asdict(cfg), "max_steps": max_steps, "world_size": world,
+                              "start_step": start}) + "\n")
     dist.print0(f"sft: {len(train_examples)} examples, {rows_per_epoch} rows/epoch, {max_steps} "
                 f"steps, accumulation {accum}, world {world}, config {asdict(cfg)}")
 
     # 3. the loop: one optimizer step per global batch of cfg.batch_size rows
     stream, t0, summary = row_stream(), time.time(), {}
-    bar = tqdm(range(max_steps), disable=not dist.is_main(), desc="sft", dynamic_ncols=True)
+    for _ in range(start * cfg.batch_size):            # a resumed run skips the rows already used
+        next(stream)
+    bar = tqdm(range(start, max_steps), initial=start, total=max_steps, disable=not dist.is_main(),
+               desc="sft", dynamic_ncols=True)
     for step in bar:
         t_step = time.time()
         batch = [next(stream) for _ in range(cfg.batch_size)]
@@ -246,15 +299,20 @@ def train_lm(cfg, model, tokenizer, train_examples, val_examples, out_dir=None, 
                 bar.write(f"step {step + 1}: loss {loss:.4f} val {record['val/loss']:.4f} "
                           f"lr {lr:.2e} {record['train/ms']:.0f} ms")
         summary.update(record)
+
+        # 5. checkpoints of the unwrapped module (HF layout) + tokenizer + resolved config, swapped
+        #    in whole; the periodic ones add the training state, the last one is the result
+        def write(tmp):
+            model.save_pretrained(tmp)
+            tokenizer.save(tmp)
+            with open(os.path.join(tmp, "sft_config.json"), "w") as f:
+                json.dump({**asdict(cfg), "step": step + 1}, f, indent=1)
+
+        if out_dir and last:
+            save_checkpoint(out_dir, write)
+        elif out_dir and cfg.save_every and (step + 1) % cfg.save_every == 0:
+            save_checkpoint(out_dir, write, optimizer, step + 1, resume_state=identity)
     bar.close()
-    # 5. checkpoint: the unwrapped module in the HF layout, the tokenizer and the resolved config
-    if out_dir and dist.is_main():
-        os.makedirs(out_dir, exist_ok=True)
-        model.save_pretrained(out_dir)
-        tokenizer.save(out_dir)  # no-op when out_dir already holds this tokenizer.model
-        with open(os.path.join(out_dir, "sft_config.json"), "w") as f:
-            json.dump(asdict(cfg), f, indent=1)
-    dist.barrier()
     summary["train/seconds"] = time.time() - t0
     if log:
         log.close()
