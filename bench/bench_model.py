@@ -4,7 +4,7 @@ What: tokens/s of the forward pass (no grad, as in sampling/scoring) and of forw
 (as in training), for our `LLaMA` and, when transformers is installed, for `LlamaForCausalLM` with SDPA attention
 loaded from the checkpoint our model just saved. Timings alternate between the two models, after one warm-up
 step each, and the median is reported, so background load hits both alike. The ratio is ours / transformers
-(> 1 = we are faster). Target (DESIGN.md, "Performance targets"): ratio >= 1.0.
+(> 1 = we are faster). Target: ratio >= 1.0.
 Default shape: a ~58M-parameter LLaMA (vocab 32000, D 512, 8 layers, 8 heads), batch 4 x 256 tokens, fp32 CPU;
 the whole run takes about a minute on 2 cores.
 Run: `python -m bench.bench_model` from the repo root (options: --batch, --seq, --iters, --kv-heads, --device cuda, --dtype bf16)

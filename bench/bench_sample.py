@@ -7,9 +7,9 @@ every method produces exactly batch x 64 tokens. Each timing is the best of --re
 alternate, so background load hits them alike (the naive path runs once: it is O(T^2)); we print wall-clock and
 process-CPU throughput (the latter is robust to a shared machine with --threads 1). Both libraries load the same
 saved directory, and we report whether transformers' greedy tokens equal ours (a parity check of model.py +
-sample.py). "cached, plain nn.Linear" is the same loop with model.py's `Linear` CPU fast path for few-row products
-switched off (bench/bench_linear.py times that product alone); at batch 1 (one row) the fast path is not taken.
-Target (DESIGN.md): cached >= 1.5x transformers at batch 8 on CPU.
+sample.py). "cached, plain nn.Linear" is the same loop with model.py's `FastLinear` CPU fast path for
+few-row products switched off (bench/bench_linear.py times that product alone); at batch 1 (one row) the fast
+path is not taken. Target: cached >= 1.5x transformers at batch 8 on CPU.
 Run (repo root): `python -m bench.bench_sample [--threads N] [--repeats R] [--new-tokens 64] [--skip-naive]`
 """
 import argparse
@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from nanorlcd.model import LLaMA, LLaMAConfig, Linear
+from nanorlcd.model import FastLinear, LLaMA, LLaMAConfig
 from nanorlcd.sample import generate, generate_naive
 from nanorlcd.tokenizer import left_pad
 
@@ -43,15 +43,16 @@ def best_times(fns, repeats):
 
 
 def plain_linear_generate_fn(model, prompts, new_tokens, **kw):
-    """A closure running our cached `generate` with model.Linear's CPU fast path switched off (every projection
-    runs nn.Linear's own forward): the same loop, so the difference to "nanorlcd cached" is that fast path."""
+    """A closure running our cached `generate` with FastLinear's CPU fast path switched off (every
+    projection runs nn.Linear's own forward): the same loop, so the difference to "nanorlcd cached" is that
+    fast path."""
     def run():
-        fast = Linear.forward
-        Linear.forward = torch.nn.Linear.forward
+        fast = FastLinear.forward
+        FastLinear.forward = torch.nn.Linear.forward
         try:
             return generate(model, prompts, new_tokens, **kw).tokens
         finally:
-            Linear.forward = fast
+            FastLinear.forward = fast
     return run
 
 

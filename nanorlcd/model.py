@@ -1,19 +1,15 @@
-"""LLaMA (1/2/3) from scratch, loading and saving real Hugging Face checkpoints.
+"""LLaMA (1/2/3) from scratch: the base model, policy and reference of RLCD, and the backbone of
+its preference and value models (the paper starts all of them from LLaMA-7B; RLCD sec. 4).
 
-What: the decoder-only transformer of Touvron et al. 2023 ("LLaMA", sec. 2.2): pre-norm blocks with RMSNorm,
-rotary position embeddings (RoPE, incl. the LLaMA-3 frequency scaling), grouped-query attention (GQA) through
-`F.scaled_dot_product_attention`, a SwiGLU MLP, a final norm and an LM head (tied or not).
-Conventions:
-  - Submodules are named exactly like the Hugging Face checkpoint (`model.embed_tokens`, `model.layers.{i}.
-    self_attn.q_proj`, ..., `lm_head`) so a checkpoint loads with a strict, mapping-free state dict.
-  - RoPE uses the "rotate-half" layout that HF checkpoints are stored in (their q_proj/k_proj rows were permuted
-    from Meta's interleaved complex layout at conversion time), so no permutation is needed here.
-  - Batches are LEFT-padded; position ids come from the attention mask (cumsum - 1), so a padded row gives the
-    same logits as the row alone.
-  - A KV cache is an object passed into `forward` with Meta's `start_pos` semantics (sample.py uses it).
-  - Projections are `Linear`: nn.Linear plus a CPU fast path for the few-row products of decoding.
-Simplified: no dropout (LLaMA has none), no tensor parallelism, no attention bias other than HF's flag.
-Run: `python -c "from nanorlcd.model import LLaMA; m = LLaMA.from_pretrained('path/to/llama-hf')"`.
+What: Touvron et al. 2023 (LLaMA, sec. 2.2): pre-norm blocks with RMSNorm, rotary embeddings
+(RoPE, with LLaMA-3's frequency scaling), grouped-query attention through SDPA, a SwiGLU MLP, a
+final norm and an LM head (tied or not). Submodules carry Hugging Face's names, so an HF checkpoint
+loads strictly with no name mapping (checkpoint.py reads and writes the files); RoPE uses HF's
+rotate-half layout. Batches are LEFT-padded and positions come from the attention mask, so a
+padded row gets the logits of the row alone. A `KVCache` passed to `forward` follows Meta's
+`start_pos` semantics; `keep` picks the positions that get logits (sampling: the last one; PPO:
+the reply). Simplified: no dropout (LLaMA has none), no tensor parallelism, RoPE default/llama3.
+Run: `LLaMA.from_pretrained("path/to/llama-hf", dtype=torch.bfloat16)(ids, mask, keep=1)`.
 """
 import math
 import os
@@ -23,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# checkpoint I/O lives in checkpoint.py; these names stay importable from here (pm.py, older callers)
+# checkpoint I/O lives in checkpoint.py; these names stay importable from here (pm.py uses them)
 from nanorlcd.checkpoint import load_weights, read_config_json, save_weights  # noqa: F401
 
 
@@ -34,13 +30,13 @@ class LLaMAConfig:
     intermediate_size: int = 11008          # SwiGLU hidden width (about 8/3 D, rounded)
     num_hidden_layers: int = 32             # number of transformer blocks
     num_attention_heads: int = 32           # query heads
-    num_key_value_heads: int = None         # key/value heads (GQA); None = num_attention_heads (MHA)
-    head_dim: int = None                    # per-head width; None = hidden_size // num_attention_heads
+    num_key_value_heads: int = None         # key/value heads (GQA); None = as many as query heads
+    head_dim: int = None                    # per-head width; None = hidden_size / query heads
     max_position_embeddings: int = 2048     # context length the model was trained for
     rms_norm_eps: float = 1e-6              # RMSNorm epsilon (1e-6 LLaMA-1, 1e-5 LLaMA-2/3)
     rope_theta: float = 10000.0             # RoPE base (500000 for LLaMA-3)
-    rope_scaling: dict = None               # None, or {"rope_type": "llama3", "factor", "low_freq_factor", ...}
-    tie_word_embeddings: bool = False       # lm_head shares embed_tokens' weight (small LLaMA-3.2 models)
+    rope_scaling: dict = None               # None, or {"rope_type": "llama3", "factor", ...}
+    tie_word_embeddings: bool = False       # lm_head shares embed_tokens' weight (LLaMA-3.2 1B/3B)
     attention_bias: bool = False            # bias on q/k/v/o projections (False on every LLaMA)
     mlp_bias: bool = False                  # bias on the MLP projections (False on every LLaMA)
     initializer_range: float = 0.02         # std of the normal init for fresh weights
@@ -49,7 +45,7 @@ class LLaMAConfig:
     pad_token_id: int = None                # often absent on LLaMA checkpoints
 
     def __post_init__(self):
-        """Checks every field, so a bad config fails here naming the field, not at the first forward."""
+        """Checks every field, so a bad config fails here (naming it), not at the first forward."""
         def bad(name, value, expected):
             raise ValueError(f"config field '{name}' is {value!r}, expected {expected}")
 
@@ -59,10 +55,11 @@ class LLaMAConfig:
         def is_num(v):
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
+        optional = ("num_key_value_heads", "head_dim")           # None: derived below
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
+                     "num_attention_heads", "max_position_embeddings") + optional:
             v = getattr(self, name)
-            if not (is_int(v) and v > 0 or v is None and name in ("num_key_value_heads", "head_dim")):
+            if not (is_int(v) and v > 0 or v is None and name in optional):
                 bad(name, v, "a positive integer")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
@@ -88,7 +85,8 @@ class LLaMAConfig:
             if not (getattr(self, name) is None or is_int(getattr(self, name))):
                 bad(name, getattr(self, name), "an integer or null")
         eos = self.eos_token_id
-        if not (eos is None or is_int(eos) or isinstance(eos, list) and eos and all(map(is_int, eos))):
+        if not (eos is None or is_int(eos) or isinstance(eos, list) and eos
+                and all(map(is_int, eos))):
             bad("eos_token_id", eos, "an integer or a list of integers")
         rs = self.rope_scaling
         if rs is not None and not isinstance(rs, dict):
@@ -113,24 +111,29 @@ class LLaMAConfig:
 
     @classmethod
     def from_hf_dict(cls, d, source="config.json"):
-        """Reads an HF config dict, in both the transformers 4.x and 5.x spellings of the RoPE settings."""
+        """Reads an HF config dict, in both the transformers 4.x and 5.x spellings of the RoPE
+        settings; every error is one line starting with `source`."""
         arch = d.get("architectures") or []
         arch = [arch] if isinstance(arch, str) else arch
-        if d.get("model_type", "llama") != "llama" or any(not str(a).startswith("Llama") for a in arch):
-            raise ValueError(f"{source}: model_type '{d.get('model_type')}' / architectures {arch} is not LLaMA "
-                             "(expected model_type 'llama')")
-        kwargs = {f.name: d[f.name] for f in fields(cls) if f.name in d and f.name not in ("rope_scaling",)}
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        if d.get("model_type", "llama") != "llama" or any(not str(a).startswith("Llama")
+                                                          for a in arch):
+            raise ValueError(f"{source}: model_type '{d.get('model_type')}' / architectures "
+                             f"{arch} is not LLaMA (expected model_type 'llama')")
+        kwargs = {f.name: d[f.name] for f in fields(cls)
+                  if f.name in d and f.name != "rope_scaling"}
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads"):
             if name not in d:
                 raise ValueError(f"{source}: missing required field '{name}'")
         if d.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{source}: config field 'hidden_act' is {d['hidden_act']!r}, expected "
-                             "'silu' (LLaMA's SwiGLU)")
+            raise ValueError(f"{source}: config field 'hidden_act' is {d['hidden_act']!r}, "
+                             "expected 'silu' (LLaMA's SwiGLU)")
         # transformers 4.x: rope_theta + rope_scaling{"type"|"rope_type", ...};
         # 5.x: rope_parameters{rope_type, rope_theta, ...}
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
         if not isinstance(rope, dict):
-            raise ValueError(f"{source}: config field 'rope_scaling' is {rope!r}, expected an object")
+            raise ValueError(f"{source}: config field 'rope_scaling' is {rope!r}, expected an "
+                             "object")
         rope = dict(rope)
         if "type" in rope and "rope_type" not in rope:
             rope["rope_type"] = rope.pop("type")
@@ -147,7 +150,8 @@ class LLaMAConfig:
     def to_dict(self):
         """The HF `config.json` dict (transformers 4.x spelling, which 5.x also reads)."""
         d = asdict(self)
-        d.update(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu", torch_dtype="float32")
+        d.update(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
+                 torch_dtype="float32")
         if d["rope_scaling"] is None:
             d.pop("rope_scaling")
         return d
@@ -155,33 +159,33 @@ class LLaMAConfig:
 
 def load_config(path):
     """LLaMAConfig from `path/config.json`."""
-    return LLaMAConfig.from_hf_dict(read_config_json(path), source=os.path.join(path, "config.json"))
+    source = os.path.join(path, "config.json")
+    return LLaMAConfig.from_hf_dict(read_config_json(path), source=source)
 
 
 # ----------------------------------------------------------------------------- building blocks
 
-class Linear(nn.Linear):
-    """nn.Linear (same parameters and state-dict names) with a CPU fast path for decoding.
-    A decoding step feeds one token per sequence, so each projection multiplies only a few rows x (N, in) by a
-    large weight W (out, in). CPU BLAS splits that skinny product x @ W^T poorly across threads; the same product
-    computed as (W @ x^T)^T, whose long side (out) is the GEMM's M, measured up to 3.8x faster on 2 threads
-    (about 2-3x for a 32000-row LM head at N = 2-8) for fp32 weights of >= 2^18 elements and N = 2-64; it is
-    about even for one row or > 64 rows and mixed (0.7-2.4x) for small weights, such as all of the toy world's
-    (`python -m bench.bench_linear` prints the table). Same product; only the float summation order differs.
-    GPUs and other dtypes take nn.Linear's kernel."""
+class FastLinear(nn.Linear):
+    """nn.Linear (same parameters and state-dict names) with a CPU fast path for decoding. A
+    decoding step feeds one token per sequence, so each projection multiplies a few rows x (N,
+    in) by a large weight W (out, in). CPU BLAS splits that skinny product poorly across threads;
+    the same product as (W @ x^T)^T, whose long side is the GEMM's M, is faster for fp32 weights
+    of >= 2^18 elements and N = 2-64 (`python -m bench.bench_linear` measures where). Only the
+    float summation order differs. GPUs and other dtypes take nn.Linear's kernel."""
 
     def forward(self, x):
-        n = x.numel() // x.shape[-1]                                           # rows: batch x new tokens
-        if x.device.type != "cpu" or x.dtype != torch.float32 or not 2 <= n <= 64 or self.weight.numel() < 2**18:
+        n = x.numel() // x.shape[-1]                                  # rows: batch x new tokens
+        if (x.device.type != "cpu" or x.dtype != torch.float32 or not 2 <= n <= 64
+                or self.weight.numel() < 2**18):
             return super().forward(x)
-        y = (self.weight @ x.reshape(n, -1).T).T.contiguous()                 # (out, n) -> (n, out)
+        y = (self.weight @ x.reshape(n, -1).T).T.contiguous()        # (out, n) -> (n, out)
         if self.bias is not None:
             y = y + self.bias
-        return y.view(*x.shape[:-1], -1)                                        # (..., out)
+        return y.view(*x.shape[:-1], -1)                               # (..., out)
 
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * weight (Zhang & Sennrich 2019), computed in fp32 like the reference."""
+    """x / sqrt(mean(x^2) + eps) * weight (Zhang & Sennrich 2019), normalised in fp32 like HF."""
 
     def __init__(self, dim, eps):
         super().__init__()
@@ -198,34 +202,40 @@ class RMSNorm(nn.Module):
 def rope_inv_freq(cfg, device=None):
     """theta^(-2i/d) for i < d/2, with the LLaMA-3 rescaling of long wavelengths when configured."""
     d = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))  # (d/2,)
+    exponents = torch.arange(0, d, 2, dtype=torch.float32, device=device) / d
+    inv_freq = 1.0 / (cfg.rope_theta ** exponents)                                  # (d/2,)
     rs = cfg.rope_scaling
     if rs is None:
         return inv_freq
-    # LLaMA-3.1: wavelengths longer than old_ctx / low_freq_factor are slowed by `factor`, shorter than
-    # old_ctx / high_freq_factor are kept, and the band between is interpolated smoothly.
-    factor, low, high = rs["factor"], rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)
+    # LLaMA-3.1: wavelengths longer than old_ctx / low_freq_factor are slowed by `factor`, those
+    # shorter than old_ctx / high_freq_factor are kept, and the band between is interpolated.
+    factor = rs["factor"]
+    low, high = rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)
     old_ctx = rs.get("original_max_position_embeddings", 8192)
     wavelen = 2 * math.pi / inv_freq
-    smooth = ((old_ctx / wavelen - low) / (high - low)).clamp(0.0, 1.0)  # 0 = long (scaled), 1 = short (kept)
+    # 0 = long wavelength (scaled), 1 = short (kept)
+    smooth = ((old_ctx / wavelen - low) / (high - low)).clamp(0.0, 1.0)
     return (1 - smooth) * inv_freq / factor + smooth * inv_freq
 
 
 def rotate_half(x):
-    """(x1, x2) -> (-x2, x1) over the two halves of the last dim: the HF layout of the RoPE rotation."""
+    """(x1, x2) -> (-x2, x1) over the halves of the last dim: HF's layout of the RoPE rotation."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 
 
 def apply_rotary_emb(q, k, cos, sin):
-    """Rotates each (i, i + d/2) pair of q and k by angle pos * theta_i (RoFormer eq. 34, rotate-half layout).
-    q: (B, H, T, d), k: (B, Hkv, T, d), cos/sin: (B, 1, T, d)."""
+    """Rotates each (i, i + d/2) pair of q and k by angle pos * theta_i (RoFormer eq. 34,
+    rotate-half layout), in the dtype of q and k (under autocast: bf16, as the cache then
+    stores). q: (B, H, T, d), k: (B, Hkv, T, d), cos/sin: (B, 1, T, d)."""
+    cos, sin = cos.to(q.dtype), sin.to(q.dtype)
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
 def repeat_kv(x, n_rep):
-    """(B, Hkv, S, d) -> (B, Hkv * n_rep, S, d): each kv head serves n_rep query heads (GQA, Ainslie et al. 2023).
-    Equal to torch.repeat_interleave(x, n_rep, dim=1), written as expand + reshape to avoid a copy when n_rep=1."""
+    """(B, Hkv, S, d) -> (B, Hkv * n_rep, S, d): each kv head serves n_rep query heads (GQA, Ainslie
+    et al. 2023). Equal to torch.repeat_interleave(x, n_rep, dim=1), without a copy when n_rep =
+    1."""
     if n_rep == 1:
         return x
     B, H, S, d = x.shape
@@ -234,29 +244,46 @@ def repeat_kv(x, n_rep):
 
 @dataclass
 class KVCache:
-    """Preallocated keys/values for every layer: k[i], v[i] are (B, Hkv, max_len, head_dim). `forward` writes the
-    new chunk at [start_pos, start_pos + T) and attends over [0, start_pos + T) (Meta's start_pos semantics)."""
+    """Keys/values of every layer: k[i], v[i] are (B, Hkv, max_len, head_dim). `forward` writes the
+    new chunk at [start_pos, start_pos + T) and attends over [0, start_pos + T) (Meta's
+    start_pos). Built with dtype=None (the default), a layer's buffers are allocated at its first
+    write in the dtype and device of its keys, i.e. the compute dtype (bf16 weights, autocast or
+    FSDP2 mixed precision alike); with an explicit dtype they are preallocated."""
     k: list = field(default_factory=list)
     v: list = field(default_factory=list)
+    shape: tuple = None                    # (B, Hkv, max_len, head_dim)
 
     @classmethod
-    def empty(cls, cfg, batch_size, max_len, dtype=torch.float32, device="cpu"):
+    def empty(cls, cfg, batch_size, max_len, dtype=None, device=None):
         shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
         n = cfg.num_hidden_layers
+        if dtype is None:
+            return cls([None] * n, [None] * n, shape)
         return cls([torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)],
-                   [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)])
+                   [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)], shape)
+
+    def update(self, layer, k, v, start_pos):
+        """Writes k, v (B, Hkv, T, d) at [start_pos, start_pos + T) of `layer`; returns that layer's
+        keys and values over [0, start_pos + T), in the dtype of k."""
+        if self.k[layer] is None:
+            self.k[layer], self.v[layer] = k.new_zeros(self.shape), v.new_zeros(self.shape)
+        end = start_pos + k.shape[2]
+        self.k[layer][:, :, start_pos:end] = k
+        self.v[layer][:, :, start_pos:end] = v
+        return self.k[layer][:, :, :end].to(k.dtype), self.v[layer][:, :, :end].to(v.dtype)
 
 
 class Attention(nn.Module):
     def __init__(self, cfg, layer_idx):
         super().__init__()
         self.layer_idx = layer_idx
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.n_heads, self.n_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
         D, b = cfg.hidden_size, cfg.attention_bias
-        self.q_proj = Linear(D, self.n_heads * self.head_dim, bias=b)
-        self.k_proj = Linear(D, self.n_kv_heads * self.head_dim, bias=b)
-        self.v_proj = Linear(D, self.n_kv_heads * self.head_dim, bias=b)
-        self.o_proj = Linear(self.n_heads * self.head_dim, D, bias=b)
+        self.q_proj = FastLinear(D, self.n_heads * self.head_dim, bias=b)
+        self.k_proj = FastLinear(D, self.n_kv_heads * self.head_dim, bias=b)
+        self.v_proj = FastLinear(D, self.n_kv_heads * self.head_dim, bias=b)
+        self.o_proj = FastLinear(self.n_heads * self.head_dim, D, bias=b)
 
     def forward(self, x, cos, sin, attn_mask, cache=None, start_pos=0):
         B, T, _ = x.shape
@@ -266,14 +293,12 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary_emb(q, k, cos, sin)
         if cache is not None:
-            # write this chunk into the cache, then attend over everything cached so far: (B, Hkv, start_pos+T, d)
-            cache.k[self.layer_idx][:, :, start_pos:start_pos + T] = k
-            cache.v[self.layer_idx][:, :, start_pos:start_pos + T] = v
-            k = cache.k[self.layer_idx][:, :, :start_pos + T]
-            v = cache.v[self.layer_idx][:, :, :start_pos + T]
+            # store this chunk, then attend over all that is cached: (B, Hkv, start_pos + T, d)
+            k, v = cache.update(self.layer_idx, k, v, start_pos)
         n_rep = self.n_heads // self.n_kv_heads
         k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)                          # (B, H, S, d)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None)  # (B, H, T, d)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                           is_causal=attn_mask is None)          # (B, H, T, d)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -283,9 +308,9 @@ class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         D, H, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        self.gate_proj = Linear(D, H, bias=b)
-        self.up_proj = Linear(D, H, bias=b)
-        self.down_proj = Linear(H, D, bias=b)
+        self.gate_proj = FastLinear(D, H, bias=b)
+        self.up_proj = FastLinear(D, H, bias=b)
+        self.down_proj = FastLinear(H, D, bias=b)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -319,60 +344,73 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, cache=None, start_pos=0):
         B, T = input_ids.shape
-        S = start_pos + T                                                      # keys visible to this chunk
+        S = start_pos + T                                              # keys visible to this chunk
+        device = input_ids.device
         if attention_mask is None:
-            attention_mask = torch.ones(B, S, dtype=torch.long, device=input_ids.device)
+            attention_mask = torch.ones(B, S, dtype=torch.long, device=device)
         if attention_mask.shape != (B, S):
             raise ValueError(f"attention_mask: expected shape {(B, S)} (cache + new tokens), got "
                              f"{tuple(attention_mask.shape)}")
-        real = attention_mask.bool()                                          # (B, S)
+        real = attention_mask.bool()                                   # (B, S)
         # 1. position ids from the mask, so left pads do not shift positions: (B, T)
         pos = (real.long().cumsum(-1) - 1).clamp(min=0)[:, start_pos:]
-        # 2. RoPE angles pos * theta_i, duplicated for the two rotate-half halves: (B, 1, T, d)
-        inv_freq = rope_inv_freq(self.config, input_ids.device)
-        angles = pos[:, :, None].float() * inv_freq[None, None, :]             # (B, T, d/2)
-        emb = torch.cat((angles, angles), dim=-1)[:, None]                     # (B, 1, T, d)
+        # 2. RoPE angles pos * theta_i, in fp32, duplicated for the rotate-half halves: (B, 1, T, d)
+        angles = pos[:, :, None].float() * rope_inv_freq(self.config, device)[None, None, :]
+        emb = torch.cat((angles, angles), dim=-1)[:, None]
         x = self.embed_tokens(input_ids)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        # 3. boolean mask (B, 1, T, S): query t (absolute index start_pos + t) sees real keys j <= start_pos + t.
-        # Each query also sees itself, so a pad query row is never fully masked (which gives NaN in SDPA);
-        # outputs at pad positions are garbage that callers mask out.
-        q_idx = torch.arange(start_pos, S, device=input_ids.device)[:, None]  # (T, 1)
-        k_idx = torch.arange(S, device=input_ids.device)[None, :]             # (1, S)
-        attn_mask = ((k_idx <= q_idx) & real[:, None, :]) | (k_idx == q_idx)   # (B, T, S)
-        attn_mask = attn_mask[:, None]                                         # (B, 1, T, S)
+        # 3. boolean mask (B, 1, T, S): query t (absolute index start_pos + t) sees real keys
+        # j <= start_pos + t. Each query also sees itself, so a pad query row is never fully masked
+        # (which gives NaN in SDPA); outputs at pad positions are garbage that callers mask out.
+        q_idx = torch.arange(start_pos, S, device=device)[:, None]              # (T, 1)
+        k_idx = torch.arange(S, device=device)[None, :]                         # (1, S)
+        attn_mask = ((k_idx <= q_idx) & real[:, None, :]) | (k_idx == q_idx)    # (B, T, S)
+        attn_mask = attn_mask[:, None]                                          # (B, 1, T, S)
         if cache is None and bool(real.all()):
-            attn_mask = None          # no pads and no cache: SDPA's built-in causal kernel (faster) does the same
+            attn_mask = None       # no pads, no cache: SDPA's causal kernel does the same, faster
         for layer in self.layers:
             x = layer(x, cos, sin, attn_mask, cache, start_pos)
         return self.norm(x)
 
 
 class LLaMA(nn.Module):
-    """Causal LM (HF `LlamaForCausalLM`): backbone + LM head. `model(ids, mask)` -> logits (B, T, vocab)."""
+    """Causal LM (HF `LlamaForCausalLM`): backbone + LM head; `model(ids, mask)` -> logits."""
 
     def __init__(self, cfg):
         super().__init__()
         self.config = cfg
         self.model = Transformer(cfg)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = FastLinear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        if not self.lm_head.weight.is_meta:      # from_pretrained builds on meta: no init, the weights come from disk
+        if not self.lm_head.weight.is_meta:   # from_pretrained builds on meta: no init needed
             self.apply(lambda m: init_weights(m, cfg.initializer_range))
 
-    def forward(self, input_ids, attention_mask=None, cache=None, start_pos=0):
-        return self.lm_head(self.model(input_ids, attention_mask, cache, start_pos))
+    def forward(self, input_ids, attention_mask=None, cache=None, start_pos=0, keep=None):
+        """(B, T) ids -> logits (B, K, vocab) of the positions `keep` selects: None = all T, an int
+        k >= 1 = the last k, a slice = those positions (PPO: the reply's). The LM head, the largest
+        product at decoding, only sees the kept positions."""
+        h = self.model(input_ids, attention_mask, cache, start_pos)              # (B, T, D)
+        if isinstance(keep, int) and not isinstance(keep, bool) and keep >= 1:
+            h = h[:, -keep:]
+        elif isinstance(keep, slice):
+            h = h[:, keep]
+        elif keep is not None:
+            raise ValueError(f"keep: got {keep!r}, expected None, an int >= 1 or a slice")
+        return self.lm_head(h)                                                   # (B, K, vocab)
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
+        """Loads an HF LLaMA directory with weights cast to `dtype` (bf16 halves the memory of
+        frozen and sampling-only models), built on the meta device so the weights exist once."""
         cfg = load_config(path)
-        with torch.device("meta"):                   # no memory for the random init: weights come from disk
+        with torch.device("meta"):
             model = cls(cfg)
         load_weights(model, path, dtype=dtype, device=device)
         return model.eval()
 
     def save_pretrained(self, path, max_shard_size=5 * 2**30):
+        """config.json + safetensors in the HF layout; atomic (checkpoint.save_weights)."""
         config = self.config.to_dict()
         config["torch_dtype"] = str(self.lm_head.weight.dtype).removeprefix("torch.")
         save_weights(self, path, config, max_shard_size=max_shard_size)

@@ -7,9 +7,11 @@ What is checked, and against what:
 - config.json in both spellings (transformers 4.x `rope_theta`/`rope_scaling`, 5.x `rope_parameters`), head_dim,
   the LLaMA-1 defaults (no num_key_value_heads / rope_theta), an eos list;
 - `repeat_kv` against `torch.repeat_interleave`;
-- `Linear`'s CPU few-row fast path: taken exactly where documented, same values and gradients as F.linear;
+- `FastLinear`'s CPU few-row fast path: taken exactly where documented, same values and gradients as
+  F.linear;
 - left-padding invariance, causal masking, and the KV cache (prefill, chunked prefill at start_pos > 0, decode)
-  against the full forward;
+  against the full forward; a lazily allocated cache takes the compute dtype (bf16 weights, autocast);
+- `keep` (which positions get logits) against slicing the full logits; a bf16 load against the fp32 one;
 - logit parity with transformers' `LlamaForCausalLM` (eager, fp32) in both checkpoint directions (skipped when
   transformers is not installed).
 Run: `python -m pytest tests/test_model.py -q`
@@ -21,7 +23,7 @@ import math
 import pytest
 import torch
 
-from nanorlcd.model import LLaMA, KVCache, Linear, load_config, repeat_kv
+from nanorlcd.model import LLaMA, FastLinear, KVCache, load_config, repeat_kv
 
 # LLaMA-3 RoPE scaling chosen so that the tiny head_dim 8 hits all three bands at rope_theta 2000:
 # wavelengths 2*pi/inv_freq = 6.3 (< 64/4: kept), 42 (between: smoothed), 281 and 1880 (> 64/1: divided by 8).
@@ -177,11 +179,11 @@ LINEAR_CASES = {
 
 @pytest.mark.parametrize("case", LINEAR_CASES.values(), ids=LINEAR_CASES.keys())
 def test_linear_fast_path_matches_f_linear(case):
-    """model.Linear computes few-row CPU products as (W @ x^T)^T (faster with CPU BLAS): it must take that path
-    exactly where its docstring says, and give F.linear's values and gradients everywhere."""
+    """FastLinear computes few-row CPU products as (W @ x^T)^T (faster with CPU BLAS): it must take that
+    path exactly where its docstring says, and give F.linear's values and gradients everywhere."""
     out_f, in_f, shape, bias, dtype, fast = case
     torch.manual_seed(0)
-    layer = Linear(in_f, out_f, bias=bias).to(dtype)
+    layer = FastLinear(in_f, out_f, bias=bias).to(dtype)
     x = torch.randn(shape, dtype=dtype, requires_grad=True)
     y = layer(x)
     assert y.shape == (*shape[:-1], out_f) and y.is_contiguous()
@@ -315,6 +317,66 @@ def test_kv_cache_equals_full_forward(make_model, chunks):
     cached = torch.cat(pieces, dim=1)
     real = mask.bool()
     torch.testing.assert_close(cached[real], full[real], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("keep", [1, 4, slice(3, -1), slice(0, 12)], ids=["last", "last-4", "slice", "all"])
+def test_keep_equals_slicing_full_logits(make_model, keep):
+    """forward(keep=k) is the full logits sliced (last k, or the slice), on a left-padded batch."""
+    model = make_model()
+    ids, mask = left_padded_batch([12, 9, 4], T=12, seed=7)
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask)                                     # (B, 12, V)
+        kept = model(ids, attention_mask=mask, keep=keep)
+    want = full[:, -keep:] if isinstance(keep, int) else full[:, keep]
+    assert kept.shape == want.shape
+    torch.testing.assert_close(kept, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("keep", [0, -1, True, 1.0])
+def test_keep_rejects_bad_values(make_model, keep):
+    with pytest.raises(ValueError, match="keep"):
+        make_model()(random_ids(1, 4), keep=keep)
+
+
+def test_bf16_load_close_to_fp32(tmp_path, make_model):
+    """from_pretrained(dtype=bf16) gives bf16 weights whose logits (computed in bf16 on the CPU) stay close
+    to the fp32 model's: bf16 keeps 8 bits of mantissa, so relative error ~1e-2 over two layers."""
+    make_model().save_pretrained(tmp_path)
+    fp32 = LLaMA.from_pretrained(tmp_path)
+    bf16 = LLaMA.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    ids, mask = left_padded_batch([10, 6], T=10, seed=3)
+    with torch.no_grad():
+        want, got = fp32(ids, mask), bf16(ids, mask)
+    assert got.dtype == torch.bfloat16
+    real = mask.bool()
+    err = (got.float() - want)[real].abs().max() / want[real].abs().max()
+    assert err < 0.05, err
+    # the two models agree on the most likely next token nearly everywhere
+    agree = (got.float().argmax(-1) == want.argmax(-1))[real].float().mean()
+    assert agree > 0.9, agree
+
+
+@pytest.mark.parametrize("mode", ["bf16-weights", "autocast"])
+def test_lazy_cache_takes_compute_dtype(make_model, mode):
+    """KVCache.empty(dtype=None) allocates each layer at its first write in the dtype of its keys, so bf16
+    weights and fp32 weights under bf16 autocast both cache bf16; cached decoding equals the uncached forward
+    computed the same way."""
+    model = make_model()
+    if mode == "bf16-weights":
+        model = model.to(torch.bfloat16)
+    ids, mask = left_padded_batch([8, 5], T=8, seed=11)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
+        full = model(ids, attention_mask=mask)                                       # (B, 8, V)
+        cache = KVCache.empty(model.config, batch_size=2, max_len=8)
+        assert cache.k == [None, None]
+        pieces = [model(ids[:, :5], attention_mask=mask[:, :5], cache=cache, keep=1)]
+        for t in range(5, 8):
+            pieces.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=cache, start_pos=t))
+    assert {t.dtype for t in cache.k + cache.v} == {torch.bfloat16}
+    assert cache.k[0].shape == (2, 2, 8, 8)
+    cached = torch.cat(pieces, dim=1).float()                                        # positions 4..7
+    torch.testing.assert_close(cached, full[:, 4:].float(), rtol=0.05, atol=0.05)
 
 
 # ----------------------------------------------------------------------------- parity with transformers
