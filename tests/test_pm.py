@@ -1,17 +1,19 @@
-"""Tests for nanorlcd/pm.py: the preference model, its loss, its I/O, its trainer and its evaluations.
+"""Tests for nanorlcd/pm.py: the preference model, its loss, its I/O, its trainer, its evaluations.
 
 What is checked, and against what:
-- the head reads the last real token: batched rewards (left and right padding, different pad lengths) against a
-  loop over single unpadded rows, and against a hand read of backbone + head;
-- the Bradley-Terry and soft-label losses and their gradients against the closed forms on fixed rewards;
+- the head reads the last real token: batched rewards (left and right padding) against a loop over
+  single unpadded rows, and against a hand read of backbone + head;
+- the Bradley-Terry and soft-label losses and their gradients against the closed forms;
   soft label 1.0 = BT; equal rewards give log 2 for any label;
-- the reward text and left truncation (BOS kept, the end kept, counted) against the tokenizer directly;
-- save/load round trips (PM dir, base LLaMA dir untied and tied), the HF config fields, and score parity with
-  transformers' `LlamaForSequenceClassification` (skipped when transformers is not installed);
+- the reward text and left truncation (BOS kept, the end kept, counted) against the tokenizer;
+- save/load round trips, the HF config fields, and score parity with transformers'
+  `LlamaForSequenceClassification` (skipped when transformers is not installed);
 - malformed prefs lines: line-numbered error, or skipped and counted;
-- evaluation helpers (held-out accuracy, HH human agreement, oracle accuracy) against hand loops;
-- training: in the toy world, a PM trained on contrastive (harmless vs harmful) pairs beats the oracle's chance
-  level by far on fresh held-out prompts; 2 processes (torch.distributed.run, gloo) give the 1-process weights.
+- evaluation helpers (held-out accuracy, oracle accuracy) against hand loops; agreement with human
+  labels on the first N lines of an HH-RLHF file against a naive per-dialogue loop;
+- training: in the toy world a PM trained on contrastive pairs beats the oracle's chance level on
+  fresh prompts; 2 processes give the 1-process weights; a NaN weight or a huge learning rate stops
+  with a one-line error and saves nothing; kill + resume == one uninterrupted run, bit for bit.
 Run: `python -m pytest tests/test_pm.py -q`
 """
 
