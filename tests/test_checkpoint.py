@@ -1,22 +1,26 @@
-"""Tests for nanorlcd/checkpoint.py: the Hugging Face safetensors layout, atomic saves, training state, errors.
+"""Tests for nanorlcd/checkpoint.py: HF safetensors layout, atomic saves, training state, errors.
 
 What is checked:
-- `save_pretrained` writes config.json + model.safetensors with exactly HF's tensor names (listed by hand below),
-  or, above `max_shard_size`, model-0000k-of-0000n.safetensors + model.safetensors.index.json; loading either is
-  bit-exact (every tensor, the config, the logits);
-- tied embeddings: the file omits lm_head.weight; a tied checkpoint that still carries it also loads;
-- every broken directory raises a one-line ValueError / FileNotFoundError naming the file, field or tensor:
-  missing / unexpected / misshapen tensor, missing shard, malformed config.json (bad JSON, missing field),
-  pickles only (refused: torch.load is never called), a non-LLaMA architecture, an unsupported rope_type;
+- `save_pretrained` writes config.json + model.safetensors with exactly HF's tensor names (listed by
+  hand below), or, above `max_shard_size`, model-0000k-of-0000n.safetensors +
+  model.safetensors.index.json; loading either is bit-exact (every tensor, the config, the logits);
+- tied embeddings: the file omits lm_head.weight; a tied checkpoint that still carries it also
+  loads;
+- every broken directory raises a one-line ValueError / FileNotFoundError naming the file, field or
+  tensor: missing / unexpected / misshapen tensor, missing shard, malformed config.json (bad JSON,
+  missing field), pickles only (refused: torch.load is never called), a non-LLaMA architecture, an
+  unsupported rope_type;
 - every fault class of a damaged checkpoint gives a one-line ValueError at load time naming the file
   and the tensor or field (the table below, `TENSOR_FAULTS` / `INDEX_FAULTS` / `CONFIG_FAULTS`):
-  truncated or garbage safetensors, int/bool tensors for float weights, NaN/inf weights (also inf made
-  by the cast to the requested dtype), a shard index entry outside the directory (`../`, absolute),
-  an index naming a tensor its shard lacks, config fields of the wrong type or value;
-- atomic saves: a save that fails, or a process killed (SIGKILL) mid-write or between the two renames of the
-  swap, leaves the old checkpoint loading bit-exact, never a mix, and its leftovers are removed by the next
-  load or save; a set of models (PPO's policy/ + value/) switches as a whole; kept files survive the swap;
-- training state: AdamW + step + RNG + data position through safetensors/JSON resume bit-identically.
+  truncated or garbage safetensors, int/bool tensors for float weights, NaN/inf weights (also inf
+  made by the cast to the requested dtype), a shard index entry outside the directory (`../`,
+  absolute), an index naming a tensor its shard lacks, config fields of the wrong type or value;
+- atomic saves: a save that fails, or a process killed (SIGKILL) mid-write or between the two
+  renames of the swap, leaves the old checkpoint loading bit-exact, never a mix, and its leftovers
+  are removed by the next load or save; a set of models (PPO's policy/ + value/) switches as a
+  whole; kept files survive the swap;
+- training state: AdamW + step + RNG + data position through safetensors/JSON resume
+  bit-identically.
 Run: `python -m pytest tests/test_checkpoint.py -q`
 """
 
@@ -65,7 +69,8 @@ def assert_same_model(a, b):
 
 
 def load_error(path, match):
-    """LLaMA.from_pretrained(path) must raise a one-line load error whose message contains `match` (literal)."""
+    """LLaMA.from_pretrained(path) must raise a one-line load error whose message contains `match`
+    (literal)."""
     with pytest.raises(LOAD_ERRORS, match=re.escape(match)) as e:
         LLaMA.from_pretrained(path)
     assert "\n" not in str(e.value), f"multi-line error: {e.value}"
@@ -103,7 +108,8 @@ def test_round_trip_sharded(tmp_path, make_model):
 
 
 def test_round_trip_config_fields(tmp_path, make_model):
-    """Non-default config fields (llama3 RoPE, eos list, explicit head_dim, pad id) survive the round trip."""
+    """Non-default config fields (llama3 RoPE, eos list, explicit head_dim, pad id) survive the
+    round trip."""
     model = make_model(head_dim=16, rope_theta=500000.0, eos_token_id=[2, 5], pad_token_id=0,
                        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
@@ -234,12 +240,12 @@ def test_unknown_rope_type(saved, rope):
 # ----------------------------------------------------------------------------- atomic saves
 
 def leftovers(parent):
-    """Temporary siblings a save may leave behind (`.NAME.tmp-PID`, `.NAME.old-PID`, `*.tmp-PID`)."""
+    """Temporary siblings a save may leave (`.NAME.tmp-PID`, `.NAME.old-PID`, `*.tmp-PID`)."""
     return sorted(n for n in os.listdir(parent) if ".tmp-" in n or ".old-" in n)
 
 
 def perturbed(model, seed):
-    """A copy of `model` with every weight moved, so old and new checkpoints differ in every tensor."""
+    """A copy of `model` with every weight moved: old and new checkpoints differ in every tensor."""
     new = LLaMA(model.config)
     new.load_state_dict(model.state_dict())
     gen = torch.Generator().manual_seed(seed)
@@ -250,7 +256,8 @@ def perturbed(model, seed):
 
 
 def test_failed_sharded_save_keeps_old_checkpoint(tmp_path, make_model, monkeypatch):
-    """The second shard's write fails: the directory still holds the old model, whole, and nothing else."""
+    """The second shard's write fails: the directory still holds the old model, whole, and nothing
+    else."""
     ckpt, old = tmp_path / "ckpt", make_model()
     old.save_pretrained(ckpt, max_shard_size=20_000)
     before = sorted(os.listdir(ckpt))
@@ -297,8 +304,9 @@ model.save_pretrained(path, max_shard_size=20_000)
 
 @pytest.mark.parametrize("where", ["between-shards", "between-renames"])
 def test_killed_save_leaves_old_checkpoint(tmp_path, make_model, where):
-    """kill -9 of a sharded save at its two dangerous points: the old checkpoint loads bit-exact (the
-    killed save left a temp dir, or the old dir renamed aside), and the load or save after it cleans up."""
+    """kill -9 of a sharded save at its two dangerous points: the old checkpoint loads bit-exact
+    (the killed save left a temp dir, or the old dir renamed aside), and the load or save after
+    it cleans up."""
     ckpt, old = tmp_path / "ckpt", make_model()
     old.save_pretrained(ckpt, max_shard_size=20_000)
     env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
@@ -313,7 +321,8 @@ def test_killed_save_leaves_old_checkpoint(tmp_path, make_model, where):
 
 
 def test_set_of_models_switches_as_a_whole(tmp_path, make_model):
-    """PPO's policy/ + value/ in one atomic_dir: a failure while writing value/ keeps both old models."""
+    """PPO's policy/ + value/ in one atomic_dir: a failure while writing value/ keeps both old
+    models."""
     ckpt, policy, value = tmp_path / "ppo", make_model(seed=0), make_model(seed=1)
     with checkpoint.atomic_dir(ckpt) as tmp:
         policy.save_pretrained(os.path.join(tmp, "policy"))
@@ -328,8 +337,9 @@ def test_set_of_models_switches_as_a_whole(tmp_path, make_model):
 
 
 def test_swap_keeps_other_files_and_drops_stale_shards(tmp_path, make_model):
-    """save_pretrained into a directory holding a tokenizer and an open log: both survive the swap (the open
-    log keeps writing into the new directory); the old shards do not survive a single-file save."""
+    """save_pretrained into a directory holding a tokenizer and an open log: both survive the swap
+    (the open log keeps writing into the new directory); the old shards do not survive a
+    single-file save."""
     ckpt, model = tmp_path / "ckpt", make_model()
     model.save_pretrained(ckpt, max_shard_size=20_000)
     (ckpt / "tokenizer.model").write_bytes(b"spm")
@@ -338,7 +348,8 @@ def test_swap_keeps_other_files_and_drops_stale_shards(tmp_path, make_model):
         log.flush()
         model.save_pretrained(ckpt)
         log.write("line 2\n")
-    assert sorted(os.listdir(ckpt)) == ["config.json", "log.jsonl", "model.safetensors", "tokenizer.model"]
+    assert sorted(os.listdir(ckpt)) == ["config.json", "log.jsonl", "model.safetensors",
+                                        "tokenizer.model"]
     assert (ckpt / "log.jsonl").read_text() == "line 1\nline 2\n"
     assert (ckpt / "tokenizer.model").read_bytes() == b"spm"
     assert_same_model(model, LLaMA.from_pretrained(ckpt))
@@ -359,21 +370,24 @@ def test_atomic_dir_keep(tmp_path):
     assert leftovers(tmp_path) == []
 
 
-# ----------------------------------------------------------------------------- training state (resume)
+# ------------------------------------------------------------------------ training state (resume)
 
 def adamw_steps(model, optimizer, n):
-    """n AdamW steps on random data drawn from the global torch RNG (so RNG state matters for resume)."""
+    """n AdamW steps on random data drawn from the global torch RNG (so RNG state matters for
+    resume)."""
     for _ in range(n):
         ids = torch.randint(3, 97, (2, 9))
-        loss = torch.nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+        logits = model(ids[:, :-1])                                        # (2, 8, V)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
 
 
 def test_training_state_resume_is_bit_identical(tmp_path, make_model, monkeypatch):
-    """3 steps, save (weights + optimizer + step + RNG + data position), 2 more steps; against: load into a
-    fresh model and optimizer, restore RNG, 2 steps. Same weights bit for bit; nothing is unpickled."""
+    """3 steps, save (weights + optimizer + step + RNG + data position), 2 more steps; against: load
+    into a fresh model and optimizer, restore RNG, 2 steps. Same weights bit for bit; nothing is
+    unpickled."""
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load called"))
     torch.manual_seed(0)
     model = make_model().train()
@@ -386,8 +400,8 @@ def test_training_state_resume_is_bit_identical(tmp_path, make_model, monkeypatc
     adamw_steps(model, opt, 2)
 
     resumed = LLaMA.from_pretrained(tmp_path / "ckpt").train()
-    opt2 = torch.optim.AdamW(resumed.parameters(), lr=5.0)       # hyper-parameters come from the state
-    torch.manual_seed(123)                                        # overwritten by the restored RNG state
+    opt2 = torch.optim.AdamW(resumed.parameters(), lr=5.0)  # hyper-parameters come from the file
+    torch.manual_seed(123)                                   # overwritten by the restored RNG state
     state = checkpoint.load_training_state(tmp_path / "ckpt", opt2)
     checkpoint.set_rng_states(state["rng_states"])
     assert state["step"] == 3 and state["extra"] == {"data_pos": 6, "prompts": "a.jsonl"}
@@ -398,7 +412,8 @@ def test_training_state_resume_is_bit_identical(tmp_path, make_model, monkeypatc
 
 
 def test_training_state_errors(tmp_path, make_model):
-    """A state saved for other parameters, or a damaged tensor file, is a one-line ValueError naming the file."""
+    """A state saved for other parameters, or a damaged tensor file, is a one-line ValueError naming
+    the file."""
     model = make_model().train()
     opt = torch.optim.AdamW(model.parameters())
     adamw_steps(model, opt, 1)
@@ -415,10 +430,10 @@ def test_training_state_errors(tmp_path, make_model):
         checkpoint.load_training_state(tmp_path, torch.optim.AdamW(model.parameters()))
 
 
-# ----------------------------------------------------------------------------- fault classes at load time
-# Each case damages a saved tiny checkpoint one way; loading must raise a one-line ValueError whose message
-# names the file and contains `match` (the tensor, field or reason). The old loader let every one of these
-# through, as a traceback at load or first forward, or silently.
+# --------------------------------------------------------------------- fault classes at load time
+# Each case damages a saved tiny checkpoint one way; loading must raise a one-line ValueError whose
+# message names the file and contains `match` (the tensor, field or reason). The old loader let
+# every one of these through, as a traceback at load or first forward, or silently.
 
 def truncate(path):
     data = path.read_bytes()
@@ -433,9 +448,10 @@ TENSOR_FAULTS = {   # id: (edit of the single-file checkpoint directory, load dt
         {"model.norm.weight": t["model.norm.weight"].to(torch.int32)})), torch.float32,
         "'model.norm.weight' has dtype torch.int32"),
     "bool-tensor": (lambda d: rewrite_tensors(d, lambda t: t.update(
-        {"lm_head.weight": t["lm_head.weight"] > 0})), torch.float32, "'lm_head.weight' has dtype torch.bool"),
-    "nan-weight": (lambda d: rewrite_tensors(d, lambda t: t["model.layers.0.mlp.up_proj.weight"].view(-1)
-                                             .__setitem__(5, float("nan"))), torch.float32,
+        {"lm_head.weight": t["lm_head.weight"] > 0})), torch.float32,
+        "'lm_head.weight' has dtype torch.bool"),
+    "nan-weight": (lambda d: rewrite_tensors(d, lambda t: t["model.layers.0.mlp.up_proj.weight"]
+                                             .view(-1).__setitem__(5, float("nan"))), torch.float32,
                    "'model.layers.0.mlp.up_proj.weight' has 1 NaN"),
     "inf-weight": (lambda d: rewrite_tensors(d, lambda t: t["model.embed_tokens.weight"].view(-1)
                                              .__setitem__(0, float("-inf"))), torch.float32,
@@ -460,7 +476,7 @@ INDEX = "model.safetensors.index.json"
 
 
 def edit_index(d, name, shard):
-    """Points tensor `name` at `shard` in the index; returns the index (the file the error names)."""
+    """Points tensor `name` at `shard` in the index; returns the file the error should name."""
     index = json.loads((d / INDEX).read_text())
     index["weight_map"][name] = shard
     (d / INDEX).write_text(json.dumps(index))
@@ -477,12 +493,13 @@ def truncate_shard(d):
     return shard
 
 
-INDEX_FAULTS = {    # id: (edit of a sharded checkpoint dir returning the file the error names, match)
+INDEX_FAULTS = {    # id: (edit of a sharded dir, returning the file the error names; match)
     "dotdot-path": (lambda d: edit_index(d, "model.norm.weight", "../x.safetensors"),
                     "'../x.safetensors' is outside"),
     "absolute-path": (lambda d: edit_index(d, "model.norm.weight", "/etc/passwd"),
                       "'/etc/passwd' is outside"),
-    "tensor-not-in-shard": (lambda d: edit_index(d, "model.norm.weight", shard_of(d, "lm_head.weight"))
+    "tensor-not-in-shard": (lambda d: edit_index(d, "model.norm.weight",
+                                                 shard_of(d, "lm_head.weight"))
                             and shard_of(d, "lm_head.weight"),
                             "'model.norm.weight' listed in the shard index is not in this file"),
     "truncated-shard": (truncate_shard, "damaged"),
@@ -491,7 +508,8 @@ INDEX_FAULTS = {    # id: (edit of a sharded checkpoint dir returning the file t
 
 @pytest.mark.parametrize("fault", list(INDEX_FAULTS))
 def test_index_faults(tmp_path, make_model, fault):
-    """Sharded checkpoints: index entries outside the directory are refused before any file is opened."""
+    """Sharded checkpoints: index entries outside the directory are refused before any file is
+    opened."""
     ckpt = tmp_path / "ckpt"
     make_model().save_pretrained(ckpt, max_shard_size=20_000)
     outside = tmp_path / "x.safetensors"             # what the `../` entry would have read
@@ -513,16 +531,20 @@ CONFIG_FAULTS = {   # id: (config.json fields, match)
     "zero-int": ({"max_position_embeddings": 0}, "'max_position_embeddings' is 0"),
     "negative-int": ({"num_attention_heads": -4}, "'num_attention_heads' is -4"),
     "zero-kv-heads": ({"num_key_value_heads": 0}, "'num_key_value_heads' is 0"),
-    "kv-heads-not-dividing": ({"num_key_value_heads": 3}, "'num_key_value_heads' is 3, expected a divisor"),
-    "hidden-not-divisible": ({"hidden_size": 30, "head_dim": None}, "'hidden_size' is 30, expected a multiple"),
+    "kv-heads-not-dividing": ({"num_key_value_heads": 3},
+                              "'num_key_value_heads' is 3, expected a divisor"),
+    "hidden-not-divisible": ({"hidden_size": 30, "head_dim": None},
+                             "'hidden_size' is 30, expected a multiple"),
     "odd-head-dim": ({"head_dim": 7}, "'head_dim' is 7, expected an even number"),
     "zero-eps": ({"rms_norm_eps": 0}, "'rms_norm_eps' is 0"),
     "string-theta": ({"rope_theta": "10000"}, "'rope_theta' is '10000'"),
     "string-bool": ({"tie_word_embeddings": "false"}, "'tie_word_embeddings' is 'false'"),
     "string-eos": ({"eos_token_id": "2"}, "'eos_token_id' is '2'"),
     "llama3-without-factor": ({"rope_scaling": LLAMA3_NO_FACTOR}, "'rope_scaling.factor' is None"),
-    "llama3-zero-factor": ({"rope_scaling": {**LLAMA3_NO_FACTOR, "factor": 0}}, "'rope_scaling.factor' is 0"),
-    "llama3-equal-bands": ({"rope_scaling": {**LLAMA3_NO_FACTOR, "factor": 8.0, "high_freq_factor": 1.0}},
+    "llama3-zero-factor": ({"rope_scaling": {**LLAMA3_NO_FACTOR, "factor": 0}},
+                           "'rope_scaling.factor' is 0"),
+    "llama3-equal-bands": ({"rope_scaling": {**LLAMA3_NO_FACTOR, "factor": 8.0,
+                                             "high_freq_factor": 1.0}},
                            "'rope_scaling.high_freq_factor' is 1.0"),
     "rope-not-object": ({"rope_scaling": "linear"}, "'rope_scaling' is 'linear'"),
     "gelu": ({"hidden_act": "gelu"}, "'hidden_act' is 'gelu'"),

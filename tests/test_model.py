@@ -10,8 +10,9 @@ What is checked, and against what:
 - `FastLinear`'s CPU few-row fast path: taken exactly where documented, same values and gradients as
   F.linear;
 - left-padding invariance, causal masking, and the KV cache (prefill, chunked prefill at start_pos > 0, decode)
-  against the full forward; a lazily allocated cache takes the compute dtype (bf16 weights, autocast);
-- `keep` (which positions get logits) against slicing the full logits; a bf16 load against the fp32 one;
+  against the full forward; a lazily allocated cache takes the compute dtype (bf16 weights,
+  autocast);
+- `keep` (which positions get logits) against slicing the full logits; a bf16 load against fp32;
 - logit parity with transformers' `LlamaForCausalLM` (eager, fp32) in both checkpoint directions (skipped when
   transformers is not installed).
 Run: `python -m pytest tests/test_model.py -q`
@@ -34,7 +35,8 @@ LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_fr
 # ----------------------------------------------------------------------------- independent references
 
 def hand_inv_freq(theta, head_dim, scaling=None):
-    """theta^(-2i/d), i < d/2, in float64; with `scaling`, Meta's llama3 `apply_scaling` loop, element by element."""
+    """theta^(-2i/d), i < d/2, in float64; with `scaling`, Meta's llama3 `apply_scaling` loop,
+    element by element."""
     freqs = [theta ** (-2 * i / head_dim) for i in range(head_dim // 2)]
     if scaling is None:
         return torch.tensor(freqs, dtype=torch.float64)
@@ -70,7 +72,8 @@ def rope_one_interleaved(x, pos, inv_freq):
 
 
 def naive_logits(model, ids, inv_freq, rope=rope_one):
-    """Logits (T, V) of one unpadded sequence `ids` (list of ints), from `model`'s state dict, with loops."""
+    """Logits (T, V) of one unpadded sequence `ids` (list of ints), from `model`'s state dict, with
+    loops."""
     c = model.config
     sd = {k: v.double() for k, v in model.state_dict().items()}
     H, KV, d, eps = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps
@@ -137,7 +140,8 @@ def test_forward_matches_naive_loop(make_model, overrides):
 
 
 def test_rope_convention_is_rotate_half(make_model):
-    """The reference is sensitive to the layout: Meta's interleaved rotation gives clearly different logits."""
+    """The reference is sensitive to the layout: Meta's interleaved rotation gives clearly different
+    logits."""
     model = make_model()
     ids = random_ids(1, 12)
     inv_freq = hand_inv_freq(10000.0, model.config.head_dim)
@@ -179,8 +183,9 @@ LINEAR_CASES = {
 
 @pytest.mark.parametrize("case", LINEAR_CASES.values(), ids=LINEAR_CASES.keys())
 def test_linear_fast_path_matches_f_linear(case):
-    """FastLinear computes few-row CPU products as (W @ x^T)^T (faster with CPU BLAS): it must take that
-    path exactly where its docstring says, and give F.linear's values and gradients everywhere."""
+    """FastLinear computes few-row CPU products as (W @ x^T)^T (faster with CPU BLAS): it must take
+    that path exactly where its docstring says, and give F.linear's values and gradients
+    everywhere."""
     out_f, in_f, shape, bias, dtype, fast = case
     torch.manual_seed(0)
     layer = FastLinear(in_f, out_f, bias=bias).to(dtype)
@@ -214,7 +219,8 @@ def test_backbone_returns_final_normed_hidden_states(make_model):
 # ----------------------------------------------------------------------------- config.json parsing
 
 def write_config(path, extra, drop=()):
-    """A minimal HF LLaMA config.json for the tiny model, with `extra` fields added and `drop` fields removed."""
+    """A minimal HF LLaMA config.json for the tiny model, with `extra` fields added and `drop`
+    fields removed."""
     d = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 97, "hidden_size": 32,
          "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
          "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "bos_token_id": 1, "eos_token_id": 2,
@@ -230,7 +236,8 @@ def write_config(path, extra, drop=()):
     {"rope_parameters": {"rope_theta": 2000.0, **LLAMA3}},                             # transformers 5.x
 ], ids=["4.x", "4.x-type", "5.x"])
 def test_config_spellings_give_same_llama3_logits(tmp_path, make_model, spelling):
-    """Weights saved once; config.json rewritten in each spelling; logits follow the hand-scaled frequencies."""
+    """Weights saved once; config.json rewritten in each spelling; logits follow the hand-scaled
+    frequencies."""
     make_model(rope_theta=2000.0, rope_scaling=dict(LLAMA3)).save_pretrained(tmp_path)
     write_config(tmp_path, spelling)
     model = LLaMA.from_pretrained(tmp_path)
@@ -256,7 +263,8 @@ def test_config_rope_theta_is_read(tmp_path, make_model, spelling):
 
 
 def test_config_llama1_defaults_head_dim_and_eos_list(tmp_path):
-    """LLaMA-1 configs lack num_key_value_heads and rope_theta; LLaMA-3 ones carry head_dim and an eos list."""
+    """LLaMA-1 configs lack num_key_value_heads and rope_theta; LLaMA-3 ones carry head_dim and an
+    eos list."""
     write_config(tmp_path, {}, drop=("num_key_value_heads",))
     cfg = load_config(tmp_path)
     assert cfg.num_key_value_heads == 4 and cfg.head_dim == 8 and cfg.rope_theta == 10000.0
@@ -303,7 +311,8 @@ def test_causal_mask(make_model):
 @pytest.mark.parametrize("chunks", [[5, 1, 1, 1, 1, 1, 1, 1], [3, 4, 1, 1, 3], [12]], ids=["prefill+decode",
                                                                                           "chunked", "one-shot"])
 def test_kv_cache_equals_full_forward(make_model, chunks):
-    """Prefill, then chunks at start_pos > 0 with a mask over cache + new tokens, on a left-padded batch."""
+    """Prefill, then chunks at start_pos > 0 with a mask over cache + new tokens, on a left-padded
+    batch."""
     model = make_model()
     ids, mask = left_padded_batch([12, 9, 4], T=12, seed=5)
     with torch.no_grad():
@@ -319,7 +328,8 @@ def test_kv_cache_equals_full_forward(make_model, chunks):
     torch.testing.assert_close(cached[real], full[real], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("keep", [1, 4, slice(3, -1), slice(0, 12)], ids=["last", "last-4", "slice", "all"])
+@pytest.mark.parametrize("keep", [1, 4, slice(3, -1), slice(0, 12)],
+                         ids=["last", "last-4", "slice", "all"])
 def test_keep_equals_slicing_full_logits(make_model, keep):
     """forward(keep=k) is the full logits sliced (last k, or the slice), on a left-padded batch."""
     model = make_model()
@@ -339,8 +349,9 @@ def test_keep_rejects_bad_values(make_model, keep):
 
 
 def test_bf16_load_close_to_fp32(tmp_path, make_model):
-    """from_pretrained(dtype=bf16) gives bf16 weights whose logits (computed in bf16 on the CPU) stay close
-    to the fp32 model's: bf16 keeps 8 bits of mantissa, so relative error ~1e-2 over two layers."""
+    """from_pretrained(dtype=bf16) gives bf16 weights whose logits (computed in bf16 on the CPU)
+    stay close to the fp32 model's: bf16 keeps 8 bits of mantissa, so relative error ~1e-2 over
+    two layers."""
     make_model().save_pretrained(tmp_path)
     fp32 = LLaMA.from_pretrained(tmp_path)
     bf16 = LLaMA.from_pretrained(tmp_path, dtype=torch.bfloat16)
@@ -359,9 +370,9 @@ def test_bf16_load_close_to_fp32(tmp_path, make_model):
 
 @pytest.mark.parametrize("mode", ["bf16-weights", "autocast"])
 def test_lazy_cache_takes_compute_dtype(make_model, mode):
-    """KVCache.empty(dtype=None) allocates each layer at its first write in the dtype of its keys, so bf16
-    weights and fp32 weights under bf16 autocast both cache bf16; cached decoding equals the uncached forward
-    computed the same way."""
+    """KVCache.empty(dtype=None) allocates each layer at its first write in the dtype of its keys,
+    so bf16 weights and fp32 weights under bf16 autocast both cache bf16; cached decoding equals
+    the uncached forward computed the same way."""
     model = make_model()
     if mode == "bf16-weights":
         model = model.to(torch.bfloat16)
@@ -372,10 +383,11 @@ def test_lazy_cache_takes_compute_dtype(make_model, mode):
         assert cache.k == [None, None]
         pieces = [model(ids[:, :5], attention_mask=mask[:, :5], cache=cache, keep=1)]
         for t in range(5, 8):
-            pieces.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=cache, start_pos=t))
+            pieces.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=cache,
+                                start_pos=t))
     assert {t.dtype for t in cache.k + cache.v} == {torch.bfloat16}
     assert cache.k[0].shape == (2, 2, 8, 8)
-    cached = torch.cat(pieces, dim=1).float()                                        # positions 4..7
+    cached = torch.cat(pieces, dim=1).float()                               # positions 4..7
     torch.testing.assert_close(cached, full[:, 4:].float(), rtol=0.05, atol=0.05)
 
 
@@ -393,7 +405,8 @@ def hf_load(path):
 
 
 def hf_logits(hf, ids, mask):
-    """HF does not derive positions from the mask in forward (only in generate), so pass them explicitly."""
+    """HF does not derive positions from the mask in forward (only in generate), so pass them
+    explicitly."""
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     return hf(input_ids=ids, attention_mask=mask, position_ids=pos).logits
 
