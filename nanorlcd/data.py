@@ -481,10 +481,13 @@ def _load_json(path):
 
 def _check_settings(path, old, new):
     """Refuse to continue a run made with other inputs or settings (names the first difference)."""
+    def short(value):                                # a sha256 reads fine as its first 12 digits
+        return f"{value[:12]}..." if isinstance(value, str) and len(value) == 64 else value
+
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key):
-            raise ValueError(f"{path}: the run to resume has {key}={old.get(key)!r}, this one "
-                             f"{new.get(key)!r}; resume with the same prompts and settings, or "
+            raise ValueError(f"{path}: the run to resume has {key}={short(old.get(key))!r}, this one "
+                             f"{short(new.get(key))!r}; resume with the same prompts and settings, or "
                              "start afresh without --resume")
 
 
