@@ -78,7 +78,8 @@ TOY = Preset(
 FAST = replace(TOY, run="toy-fast", toy="fast", n_eval=100, prompts="toy:validation",
                rlcd=replace(TOY.rlcd, batch_size=50), pm=replace(TOY.pm, eval_every=5),
                sft=replace(TOY.sft, epochs=1, warmup_steps=2),
-               ppo=replace(TOY.ppo, steps=6, rollout_batch_size=32, minibatch_size=16, table_every=0))
+               ppo=replace(TOY.ppo, steps=6, rollout_batch_size=32, minibatch_size=16, table_every=0,
+                           warmup_steps=1))
 # The paper's LLaMA-7B runs (README, "Hyper-parameters"); data paths come from --base / --prompts.
 LLAMA7B_HARMLESS = Preset(
     run="llama7b-harmless", prompts=None, eval_prompts=None, task="harmless",
@@ -525,7 +526,8 @@ def main(argv=None):
              "all": lambda: stage_all(run)}[args.stage]
     try:
         stage()
-    except (ValueError, FileNotFoundError) as e:     # bad input: one line naming it, not a traceback
+    # bad input, or a run that diverged (non-finite loss, KL past its bound): one line naming it
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
         raise SystemExit(f"error: {e}") from None
     finally:
         dist.cleanup()
