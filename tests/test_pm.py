@@ -265,10 +265,10 @@ def test_pairwise_and_oracle_accuracy_match_hand_loop(base_dir):
 
 
 def test_human_agreement_first_lines_match_naive_per_pair_loop(tmp_path, base_dir):
-    """As the reference's evaluate_reward_model_human_agreement.py: the first `limit` LINES of the file
-    (a bad line among them is skipped and counted, lines after them are never read), each dialogue
-    scored whole with "\\n\\nHuman:" appended, acc = P(r_chosen > r_rejected), mean_prob = the mean of
-    σ(r_chosen − r_rejected). Naive reference: one unpadded forward per dialogue."""
+    """As the reference's evaluate_reward_model_human_agreement.py: the first `limit` LINES of the
+    file (a bad line among them is skipped and counted, later lines are never read), each dialogue
+    scored whole with "\\n\\nHuman:" appended, acc = P(r_chosen > r_rejected), mean_prob = the mean
+    of σ(r_chosen − r_rejected). Naive reference: one unpadded forward per dialogue."""
     pm, tok = PreferenceModel.from_pretrained(base_dir), Tokenizer(base_dir)
     dialogues = []
     for i in range(8):
@@ -285,12 +285,13 @@ def test_human_agreement_first_lines_match_naive_per_pair_loop(tmp_path, base_di
             ids = tok.encode("\n\n" + dialogue.strip() + "\n\nHuman:", bos=True)
             return pm(torch.tensor([ids])).item()
 
-    used = dialogues[:7]                                                   # the first 8 lines hold 7
+    used = dialogues[:7]                                            # the first 8 lines hold 7
     r_c, r_r = [naive(d["chosen"]) for d in used], [naive(d["rejected"]) for d in used]
     got = human_agreement(pm, tok, path, limit=8, batch_size=3)
     assert got["n"] == 7 and got["skipped_lines"] == 1
     assert got["acc"] == pytest.approx(sum(c > r for c, r in zip(r_c, r_r)) / 7)
-    assert got["mean_prob"] == pytest.approx(sum(sig(c - r) for c, r in zip(r_c, r_r)) / 7, rel=1e-5)
+    want = sum(sig(c - r) for c, r in zip(r_c, r_r)) / 7
+    assert got["mean_prob"] == pytest.approx(want, rel=1e-5)
     assert human_agreement(pm, tok, path, limit=None)["n"] == 8            # the whole file
     with pytest.raises(ValueError, match=r"hh\.jsonl: no usable line"):
         human_agreement(pm, tok, write_jsonl(tmp_path / "hh.jsonl", ["{}"] + dialogues), limit=1)
@@ -382,8 +383,8 @@ def test_two_process_ddp_matches_one_process(tmp_path, base_dir):
 
 
 def test_non_finite_loss_stops_before_saving(tmp_path, base_dir, monkeypatch):
-    """A NaN in a weight (injected after loading: the loader refuses NaN files) or a huge learning rate:
-    one line naming the stage, the step and the quantity; no weights saved."""
+    """A NaN in a weight (injected after loading: the loader refuses NaN files) or a huge learning
+    rate: one line naming the stage, the step and the quantity; no weights saved."""
     load = PreferenceModel.from_pretrained
 
     def poisoned(path, **kwargs):
@@ -406,8 +407,9 @@ def test_non_finite_loss_stops_before_saving(tmp_path, base_dir, monkeypatch):
 
 
 def test_resume_after_a_kill_is_bit_identical(tmp_path, base_dir, monkeypatch):
-    """6 steps with a resumable checkpoint every 2: killed during step 5 and resumed (from step 4) gives
-    bit for bit the weights and step-6 training metrics of one uninterrupted run (one CPU process)."""
+    """6 steps with a resumable checkpoint every 2: killed during step 5 and resumed (from step 4)
+    gives bit for bit the weights and step-6 training metrics of one uninterrupted run (one CPU
+    process)."""
     prefs = write_jsonl(tmp_path / "prefs.jsonl", toy_pairs("train", 28, seed=4))
     cfg = PMConfig(batch_size=4, micro_batch_size=2, lr=1e-3, save_every=2, eval_every=3)
     whole = train_pm(cfg, base_dir, prefs, str(tmp_path / "whole"))

@@ -1,7 +1,8 @@
-"""SFT trainer: the response-only loss equals a hand computation (packed rows, one example per row,
-token- or example-weighted), the reference's end marker is in the target and under the loss, packing keeps
-every example whole, gradient accumulation changes nothing, the warmup resolves from a ratio, a
-non-finite loss stops training before anything is saved, and a checkpoint round-trips."""
+"""SFT trainer: the response-only loss equals a hand computation (packed rows, one example per
+row, token- or example-weighted), the reference's end marker is in the target and under the loss,
+packing keeps every example whole, gradient accumulation changes nothing, the warmup resolves from a
+ratio, a non-finite loss stops training before anything is saved, a checkpoint round-trips, and
+kill + resume equals one uninterrupted run."""
 import json
 import math
 import os
@@ -26,15 +27,17 @@ def tok(tmp_path_factory):
 
 def tiny_model(tok, seed=0):
     torch.manual_seed(seed)
-    return LLaMA(LLaMAConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512))
+    return LLaMA(LLaMAConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=512))
 
 
 def examples(n, seed=0):
     """(prompt, response) pairs from the toy world: the last turn's reply is the response."""
     out = []
     for doc in toy.generate_corpus(n, seed=seed):
-        cut = doc.index(":", doc.rindex("\n\nAssistant")) + 1  # the end of the last assistant tag (affixes hold no ":")
+        # the end of the last assistant tag (affixes hold no ":")
+        cut = doc.index(":", doc.rindex("\n\nAssistant")) + 1
         out.append((doc[:cut], doc[cut:].strip()))
     return out
 
@@ -55,10 +58,11 @@ def test_tokenize_example_masks_exactly_the_response(tok):
 
 
 def test_distillation_data_is_tokenized_as_the_policy_samples_it(tok, tmp_path):
-    """Regression: train.py once read sft-data.jsonl as (prompt, " " + response), so tokenize_example's seam space
-    made a double space: every training reply began with an extra "▁" piece that the base model never emits after
-    "Assistant:". The distilled policy learned to start with junk (14 % invalid replies) and its KL to the base was
-    26.8 nats. The file -> pairs -> tokens path must give exactly the dialogue that sampling and the PM see:
+    """Regression: train.py once read sft-data.jsonl as (prompt, " " + response), so
+    tokenize_example's seam space made a double space: every training reply began with an extra "▁"
+    piece that the base model never emits after "Assistant:". The distilled policy learned to start
+    with junk (14 % invalid replies) and its KL to the base was 26.8 nats. The file -> pairs ->
+    tokens path must give exactly the dialogue that sampling and the PM see:
     prompt + " " + response."""
     records = [{"id": i, "prompt": p, "chosen": r} for i, (p, r) in enumerate(examples(20, seed=5))]
     path = str(tmp_path / "sft-data.jsonl")
@@ -69,7 +73,7 @@ def test_distillation_data_is_tokenized_as_the_policy_samples_it(tok, tmp_path):
         ids, mask = sft.tokenize_example(tok, prompt, response, seq_len=1000)
         assert ids == tok.encode(prompt + " " + response, bos=True, eos=True)
         assert "  " not in tok.decode(ids)
-        # a response that brings its own leading space (raw HH replies do) still gets a single seam space
+        # a response with its own leading space (raw HH replies) still gets one seam space
         assert sft.tokenize_example(tok, prompt, " " + response, seq_len=1000) == (ids, mask)
     # a line without "response" names the file and line
     with open(path, "a") as f:
@@ -99,7 +103,7 @@ def test_collate_shifts_and_pads():
 
 
 def test_response_only_loss_equals_hand_computation(tok):
-    """The first logged training loss = mean over all response tokens (+EOS) of -log p, computed here
+    """The first logged training loss = mean over all response tokens (+EOS) of -log p, computed
     example by example with a plain forward pass and log_softmax."""
     # the 6 longest of 100 examples: similar lengths, so that no two fit one row (rows = examples)
     exs = sorted(examples(100, seed=1), key=lambda e: len(tok.encode(e[0] + " " + e[1])))[-6:]
@@ -115,16 +119,19 @@ def test_response_only_loss_equals_hand_computation(tok):
             for t in range(n_prompt, len(ids)):  # token t is predicted at position t - 1
                 total -= logp[t - 1, ids[t]].item()
                 count += 1
-    cfg = sft.SFTConfig(max_steps=1, batch_size=6, micro_batch_size=3, seq_len=seq_len, lr=0.0, warmup_steps=1)
+    cfg = sft.SFTConfig(max_steps=1, batch_size=6, micro_batch_size=3, seq_len=seq_len, lr=0.0,
+                        warmup_steps=1)
     summary = sft.train_lm(cfg, model, tok, exs, exs)
     assert summary["train/loss"] == pytest.approx(total / count, rel=1e-5)
-    assert summary["val/loss"] == pytest.approx(total / count, rel=1e-5)  # lr 0: the weights did not move
+    # lr 0: the weights did not move
+    assert summary["val/loss"] == pytest.approx(total / count, rel=1e-5)
 
 
 def test_gradient_accumulation_is_exact(tok):
     """2 steps with batch 8 as 1 x 8 rows or 4 x 2 rows give the same weights."""
     exs = examples(40, seed=2)
-    cfg = sft.SFTConfig(max_steps=2, batch_size=8, micro_batch_size=8, seq_len=64, lr=1e-2, warmup_steps=1)
+    cfg = sft.SFTConfig(max_steps=2, batch_size=8, micro_batch_size=8, seq_len=64, lr=1e-2,
+                        warmup_steps=1)
     a, b = tiny_model(tok), tiny_model(tok)
     sft.train_lm(cfg, a, tok, exs, [])
     sft.train_lm(replace(cfg, micro_batch_size=2), b, tok, exs, [])
@@ -141,8 +148,8 @@ class CharTokenizer:
 
 
 def test_no_packing_rows_and_end_marker_by_hand():
-    """One example per row, right-padded; the end marker "\\n\\nHuman:" and EOS in the target and under
-    the loss; the prompt (and BOS) outside it. Ids written out by hand with a character tokenizer."""
+    """One example per row, right-padded; the end marker "\\n\\nHuman:" and EOS in the target and
+    under the loss, the prompt (and BOS) outside it. Ids written by hand (a character tokenizer)."""
     tok = CharTokenizer()
     a = sft.tokenize_example(tok, "Q:", " ab ", seq_len=100, end_marker=True)
     b = sft.tokenize_example(tok, "Q:", "c", seq_len=100)
@@ -163,7 +170,7 @@ def test_no_packing_rows_and_end_marker_by_hand():
 
 
 def test_end_marker_with_sentencepiece(tok):
-    """The real tokenizer: the masked part decodes to the reply + "\\n\\nHuman:", followed by EOS."""
+    """The real tokenizer: the masked part decodes to the reply + "\\n\\nHuman:", then EOS."""
     for prompt, response in examples(20, seed=6):
         ids, mask = sft.tokenize_example(tok, prompt, response, seq_len=1000, end_marker=True)
         assert ids == tok.encode(prompt + " " + response + "\n\nHuman:", bos=True, eos=True)
@@ -175,8 +182,8 @@ def test_end_marker_with_sentencepiece(tok):
 
 @pytest.mark.parametrize("per_example", [False, True])
 def test_no_packing_loss_equals_hand_computation(tok, per_example):
-    """packing=False: the first loss = the mean over response tokens (per_example=False) or the mean of
-    each example's mean (per_example=True, the reference's weighting), by a forward per example."""
+    """packing=False: the first loss = the mean over response tokens (per_example=False) or the mean
+    of each example's mean (per_example=True, the reference's weighting), by one forward each."""
     exs = examples(7, seed=3)
     model = tiny_model(tok)
     sums, counts = [], []
@@ -211,8 +218,8 @@ def test_no_packing_accumulation_is_exact(tok):
 
 
 def test_warmup_ratio_and_logged_schedule(tmp_path, tok):
-    """warmup_steps=0, warmup_ratio=0.25 of 10 steps -> ceil(2.5) = 3 warmup steps; the logged lrs are
-    lr_at's warmup + cosine to min_lr_ratio, and the resolved warmup is saved in the config."""
+    """warmup_steps=0, warmup_ratio=0.25 of 10 steps -> ceil(2.5) = 3 warmup steps; the logged lrs
+    are lr_at's warmup + cosine to min_lr_ratio, and the resolved warmup is saved in the config."""
     cfg = sft.SFTConfig(max_steps=10, batch_size=2, seq_len=64, lr=1e-3, warmup_steps=0,
                         warmup_ratio=0.25, min_lr_ratio=0.0, log_every=1, packing=False)
     log = str(tmp_path / "log.jsonl")
@@ -225,7 +232,8 @@ def test_warmup_ratio_and_logged_schedule(tmp_path, tok):
 
 
 def test_non_finite_loss_stops_before_saving(tmp_path, tok):
-    """A NaN in a weight: a one-line error naming the stage, the step and the quantity; no checkpoint."""
+    """A NaN in a weight, or a huge learning rate: a one-line error naming the stage, the step and
+    the quantity; no checkpoint."""
     model = tiny_model(tok)
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
@@ -235,7 +243,8 @@ def test_non_finite_loss_stops_before_saving(tmp_path, tok):
         sft.train_lm(cfg, model, tok, examples(8), [], out_dir=str(out))
     assert not out.exists()
     # a huge learning rate: the weights blow up within a few steps, and training stops there
-    cfg = sft.SFTConfig(max_steps=30, batch_size=2, seq_len=64, warmup_steps=1, lr=1e12, grad_clip=0)
+    cfg = sft.SFTConfig(max_steps=30, batch_size=2, seq_len=64, warmup_steps=1, lr=1e12,
+                        grad_clip=0)
     with pytest.raises(FloatingPointError, match=r"^sft: step \d+: non-finite (loss|grad_norm)"):
         sft.train_lm(cfg, tiny_model(tok), tok, examples(8), [], out_dir=str(out))
     assert not out.exists()
@@ -244,11 +253,12 @@ def test_non_finite_loss_stops_before_saving(tmp_path, tok):
 def test_training_lowers_loss_and_saves_checkpoint(tmp_path, tok):
     docs = toy.generate_corpus(300, seed=4)
     model = tiny_model(tok)
-    cfg = sft.SFTConfig(max_steps=20, batch_size=8, micro_batch_size=8, seq_len=128, lr=1e-2, warmup_steps=5,
-                        eval_every=10, log_every=5)
+    cfg = sft.SFTConfig(max_steps=20, batch_size=8, micro_batch_size=8, seq_len=128, lr=1e-2,
+                        warmup_steps=5, eval_every=10, log_every=5)
     out, log = str(tmp_path / "base"), str(tmp_path / "base" / "log.jsonl")
     os.makedirs(out)
-    summary = sft.train_lm(cfg, model, tok, [("", d) for d in docs[:250]], [("", d) for d in docs[250:]], out, log)
+    summary = sft.train_lm(cfg, model, tok, [("", d) for d in docs[:250]],
+                           [("", d) for d in docs[250:]], out, log)
     records = [json.loads(line) for line in open(log)]
     assert records[0]["config"]["max_steps"] == 20
     losses = [r["train/loss"] for r in records[1:]]
@@ -256,7 +266,8 @@ def test_training_lowers_loss_and_saves_checkpoint(tmp_path, tok):
     assert len(vals) == 2 and vals[-1] < vals[0] and losses[-1] < losses[0] - 1.0
     assert summary["step"] == 20 and summary["val/loss"] == vals[-1]
     # the checkpoint is an HF directory that reloads to the same logits
-    assert {"config.json", "model.safetensors", "tokenizer.model", "sft_config.json"} <= set(os.listdir(out))
+    files = set(os.listdir(out))
+    assert {"config.json", "model.safetensors", "tokenizer.model", "sft_config.json"} <= files
     again = LLaMA.from_pretrained(out)
     x = torch.tensor([tok.encode(docs[0])])
     torch.testing.assert_close(again(x), model.eval()(x))
@@ -264,7 +275,8 @@ def test_training_lowers_loss_and_saves_checkpoint(tmp_path, tok):
 
 def test_bad_batch_config(tok):
     with pytest.raises(ValueError, match="batch_size"):
-        sft.train_lm(sft.SFTConfig(batch_size=6, micro_batch_size=4), tiny_model(tok), tok, examples(4), [])
+        sft.train_lm(sft.SFTConfig(batch_size=6, micro_batch_size=4), tiny_model(tok), tok,
+                     examples(4), [])
     with pytest.raises(ValueError, match="empty"):
         sft.train_lm(sft.SFTConfig(batch_size=4, micro_batch_size=4), tiny_model(tok), tok, [], [])
     with pytest.raises(ValueError, match="per_example_loss=True needs packing=False"):
