@@ -44,6 +44,20 @@ def test_committed_notebook_is_clean(path):
         assert not ABSOLUTE_PATH.search(_outputs_text(cell)), f"{path}: cell {i} shows an absolute path"
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
+def test_notebook_has_the_classroom_layout(path):
+    """First code cell seeds and prints versions; numbers are asserted; it ends with 'Try this'."""
+    with open(path, encoding="utf-8") as f:
+        nb = json.load(f)
+    code = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
+    assert "manual_seed" in code[0] and "version(" in code[0], \
+        f"{path}: the first cell must seed everything and print versions"
+    assert sum("assert " in c for c in code) >= 3, f"{path}: fewer than three cells assert a number"
+    last = nb["cells"][-1]
+    assert last["cell_type"] == "markdown" and "Try this" in "".join(last["source"]), \
+        f"{path}: no closing 'Try this' list"
+
+
 @pytest.fixture(scope="session")
 def notebook_run_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("notebooks-run"))
