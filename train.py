@@ -28,15 +28,16 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from nanorlcd import checkpoint, dist, evaluate, toy
-from nanorlcd.data import load_prompts, read_records, read_sft_data
+from nanorlcd.data import is_complete, load_prompts, partial_path, read_records, read_sft_data
 from nanorlcd.dialogue import HUMAN, cut_reply
 from nanorlcd.model import LLaMA
-from nanorlcd.pm import PMConfig, PreferenceModel, human_agreement, oracle_accuracy, train_pm
+from nanorlcd.pm import (PMConfig, PreferenceModel, check_config as check_pm_config, human_agreement,
+                         oracle_accuracy, train_pm)
 from nanorlcd.ppo import PPOConfig, check_config as check_ppo_config, train_ppo
 from nanorlcd.rlcd import METHODS, RLCDConfig, simulate
 from nanorlcd.rollout import response_logits, response_logprobs
 from nanorlcd.sample import filter_logits, generate
-from nanorlcd.sft import SFTConfig, train_lm
+from nanorlcd.sft import SFTConfig, check_config as check_sft_config, train_lm
 from nanorlcd.tokenizer import Tokenizer, left_pad
 
 STAGES = ("pretrain", "simulate", "pm", "sft", "ppo", "sample", "eval", "all")
@@ -69,9 +70,9 @@ class Preset:
 TOY = Preset(
     run="toy", toy="toy",
     rlcd=RLCDConfig(batch_size=64, max_new_tokens=64),
-    pm=PMConfig(batch_size=32, micro_batch_size=32, lr=1e-3, max_len=256, eval_every=20),
-    sft=SFTConfig(epochs=3, batch_size=32, micro_batch_size=32, lr=1e-3, warmup_steps=5),
-    ppo=replace(PPOConfig(), steps=16, rollout_batch_size=64, minibatch_size=32, micro_batch_size=8,
+    pm=PMConfig(batch_size=32, micro_batch_size=0, lr=1e-3, max_len=256, eval_every=20),
+    sft=SFTConfig(epochs=3, batch_size=32, micro_batch_size=0, lr=1e-3, warmup_steps=5),
+    ppo=replace(PPOConfig(), steps=16, rollout_batch_size=64, minibatch_size=32, micro_batch_size=0,
                 gen_batch_size=64, max_new_tokens=48, kl_coef=0.2, lr=1e-4, save_every=0,
                 table_every=4))
 # The same world shrunk for tests: a smaller base, fewer prompts and steps.
@@ -92,21 +93,21 @@ LLAMA7B_HARMLESS = Preset(
 LLAMA7B_HELPFUL = replace(LLAMA7B_HARMLESS, run="llama7b-helpful", task="helpful",
                           rlcd=replace(LLAMA7B_HARMLESS.rlcd, task="helpful"),
                           ppo=replace(LLAMA7B_HARMLESS.ppo, kl_coef=0.002))
+# Story outlines (paper Sec. 4): premises come from a .txt file (--prompts, --eval-prompts; format in
+# nanorlcd/premises.txt). No reference dev/test split and no released beta: the harmless run's is reused.
+LLAMA7B_OUTLINE = replace(LLAMA7B_HARMLESS, run="llama7b-outline", task="outline", eval_offset=0,
+                          rlcd=replace(LLAMA7B_HARMLESS.rlcd, task="outline"))
 PRESETS = {"toy": TOY, "fast": FAST, "llama7b-harmless": LLAMA7B_HARMLESS,
-           "llama7b-helpful": LLAMA7B_HELPFUL}
+           "llama7b-helpful": LLAMA7B_HELPFUL, "llama7b-outline": LLAMA7B_OUTLINE}
 SECTIONS = ("rlcd", "pm", "sft", "ppo")      # the stage configs inside a Preset, reachable as --<section>.x
 
 
 def check_batches(preset, world):
-    """Every stage's batch must split exactly over `world` processes and its micro-batches (one-line errors
-    naming the field), checked before any work; the trainers check the same at run time."""
+    """Every training stage's batch must split exactly over `world` processes and its micro-batches;
+    the stages' own checks run here before any work (one-line errors naming the field)."""
     check_ppo_config(preset.ppo, world)
-    for name, cfg in (("pm", preset.pm), ("sft", preset.sft)):
-        micro = cfg.micro_batch_size or max(1, cfg.batch_size // world)
-        accum, rem = divmod(cfg.batch_size, micro * world)
-        if rem or accum == 0:
-            raise ValueError(f"{name}.batch_size={cfg.batch_size} is not a multiple of {name}.micro_batch_size "
-                             f"({micro}) x world size ({world})")
+    check_sft_config(preset.sft, world)
+    check_pm_config(preset.pm, world)
 
 
 def _parse_value(text, typ, name):
@@ -166,6 +167,15 @@ class Run:
                              f"{self.flags}{extra}` (or run --stage all)")
         return path
 
+    def need_prefs(self, method):
+        """A finished preference file: not a killed simulation's partial one, not edited since."""
+        path = self.need(self.prefs(method), "simulate", f" --method {method}")
+        if not is_complete(path):
+            raise SystemExit(f"error: {path} is not a finished simulation (killed, or edited since); "
+                             f"continue it with `python train.py --stage simulate{self.flags} --method "
+                             f"{method} --resume` or redo it with --overwrite")
+        return path
+
     def fresh(self, path):
         """Refuse to overwrite another run's output unless --overwrite."""
         if os.path.exists(path) and not self.args.overwrite:
@@ -214,9 +224,7 @@ def stage_simulate(run, method):
     model, tok = run.base_model()
     out = run.prefs(method)
     if not run.args.resume:
-        run.fresh(out)
-        if dist.is_main() and os.path.exists(out):
-            os.remove(out)
+        run.fresh(out)          # simulate keeps the old file until the new one is complete
     cfg = replace(run.p.rlcd, method=method, task=run.args.task or run.p.task)
     prompts = run.prompts(run.args.prompts or run.p.prompts, "--prompts")
     summary = simulate(cfg, model, tok, prompts, out, resume=run.args.resume,
@@ -247,7 +255,7 @@ def stage_pm(run, method):
     """Paper Sec. 3, step 2: Bradley-Terry PM on the simulated pairs; in the toy world also its accuracy against
     the oracle on fresh held-out pairs drawn from the base model."""
     run.need(os.path.join(run.base, "config.json"), "pretrain")
-    prefs = run.need(run.prefs(method), "simulate", f" --method {method}")
+    prefs = run.need_prefs(method)
     out = run.fresh(os.path.join(run.dir, f"pm-{method}"))
     with built_aside(out) as tmp:
         summary = train_pm(run.p.pm, run.base, prefs, tmp)
@@ -263,10 +271,11 @@ def pm_oracle_accuracy(run, pm_dir):
     """Fresh pairs o+/o- from the base model on held-out prompts (simulated once, cached as prefs-eval.jsonl); the
     oracle, not the simulated label, decides which reply is better."""
     eval_path = os.path.join(run.dir, "prefs-eval.jsonl")
-    if not os.path.exists(eval_path):
+    if not is_complete(eval_path):
         model, tok = run.base_model()
         simulate(replace(run.p.rlcd, method="rlcd", seed=run.p.rlcd.seed + 1), model, tok,
-                 run.prompts(run.p.eval_prompts, "eval prompts")[:run.p.n_eval], eval_path)
+                 run.prompts(run.p.eval_prompts, "eval prompts")[:run.p.n_eval], eval_path,
+                 resume=os.path.exists(partial_path(eval_path)))
     pm = PreferenceModel.from_pretrained(pm_dir, device=dist.device())
     metrics = oracle_accuracy(pm, Tokenizer(pm_dir), read_records(eval_path), toy.judge, max_len=run.p.pm.max_len)
     return {f"pm/oracle_{k}": v for k, v in metrics.items()}
@@ -284,6 +293,7 @@ def pm_human_agreement(run, pm_dir, hh_path):
 
 def stage_sft(run):
     """Context distillation (paper Sec. 4 baseline): SFT of the base model on (p, o+), loss on o+ tokens only."""
+    run.need_prefs("rlcd")                  # sft-data.jsonl is written with a finished prefs-rlcd.jsonl
     data = run.need(os.path.join(run.dir, "sft-data.jsonl"), "simulate", " --method rlcd")
     out = run.fresh(os.path.join(run.dir, "sft"))
     model, tok = run.base_model()
@@ -435,19 +445,31 @@ def _jsonable(d):
 
 
 def stage_all(run):
-    """Toy world end to end; makes each missing artifact, reuses the ones already there."""
+    """Toy world end to end; makes each missing artifact, reuses the ones already there (a killed simulation
+    is continued where it stopped)."""
     if run.p.toy is None:
         raise SystemExit("error: --stage all runs the toy world; run the stages of a real preset one by one")
-    t0 = time.time()
-    steps = [(os.path.join(run.base, "config.json"), lambda: stage_pretrain(run)),
-             (run.prefs("rlcd"), lambda: stage_simulate(run, "rlcd")),
-             (os.path.join(run.dir, "pm-rlcd", "config.json"), lambda: stage_pm(run, "rlcd")),
-             (os.path.join(run.dir, "ppo-rlcd", "policy", "config.json"), lambda: stage_ppo(run, "rlcd"))]
-    for path, fn in steps:
-        if not os.path.exists(path):
-            fn()
+    t0, prefs = time.time(), run.prefs("rlcd")
+
+    def simulate_rlcd():
+        run.args.resume = os.path.exists(partial_path(prefs))
+        if os.path.exists(prefs) and not is_complete(prefs):
+            raise SystemExit(f"error: {prefs} is not a finished simulation (edited, or made by an older "
+                             f"version); redo it with `python train.py --stage simulate{run.flags} --overwrite`")
+        stage_simulate(run, "rlcd")
+
+    steps = [("pretrain", os.path.join(run.base, "config.json"), lambda: stage_pretrain(run)),
+             ("simulate", prefs, simulate_rlcd),
+             ("pm", os.path.join(run.dir, "pm-rlcd", "config.json"), lambda: stage_pm(run, "rlcd")),
+             ("ppo", os.path.join(run.dir, "ppo-rlcd", "policy", "config.json"),
+              lambda: stage_ppo(run, "rlcd"))]
+    for name, path, make in steps:
+        done = is_complete(path) if name == "simulate" else os.path.exists(path)
+        if done:
+            dist.print0(f"[all] {name}: reusing {path}")
         else:
-            dist.print0(f"[all] reusing {path}")
+            make()
+    run.args.overwrite = True          # the samples below always describe the current policies
     for name in ("base", "ppo-rlcd"):
         stage_sample(run, name)
     dist.print0(f"[all] done in {time.time() - t0:.0f} s")

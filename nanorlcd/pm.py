@@ -278,6 +278,20 @@ class PMConfig:
     seed: int = 0                # data order and head init; the same on every rank
 
 
+def check_config(cfg, world):
+    """Exact divisibility of the batch over ranks and micro-batches, and a sane warmup (one-line errors).
+    Returns (micro_batch_size resolved: 0 = batch_size / ranks, accumulation steps)."""
+    micro_batch_size = cfg.micro_batch_size or max(1, cfg.batch_size // world)
+    accum, rem = divmod(cfg.batch_size, micro_batch_size * world)
+    if rem or accum == 0:
+        raise ValueError(f"PMConfig.batch_size={cfg.batch_size} must be a multiple of "
+                         f"micro_batch_size ({micro_batch_size}) x world size ({world})")
+    if cfg.warmup_steps < 0 or not 0.0 <= cfg.warmup_ratio < 1.0:
+        raise ValueError(f"PMConfig.warmup_steps={cfg.warmup_steps}, warmup_ratio="
+                         f"{cfg.warmup_ratio}: expected warmup_steps >= 0, 0 <= warmup_ratio < 1")
+    return micro_batch_size, accum
+
+
 def train_pm(cfg, base_dir, prefs_path, out_dir, log_path=None, resume=False):
     """Train a PM from `base_dir` (a base LLaMA dir, or a PM dir to continue) on the pairs of
     `prefs_path`; writes the PM to `out_dir` and JSONL metrics to log_path (out_dir/log.jsonl).
@@ -289,14 +303,7 @@ def train_pm(cfg, base_dir, prefs_path, out_dir, log_path=None, resume=False):
     records, data_summary = read_prefs(prefs_path, cfg.skip_bad)
     n_eval = max(1, round(cfg.eval_frac * len(records))) if cfg.eval_frac > 0 else 0
     train, held = records[:len(records) - n_eval], records[len(records) - n_eval:]
-    micro_batch_size = cfg.micro_batch_size or max(1, cfg.batch_size // world)
-    accum, rem = divmod(cfg.batch_size, micro_batch_size * world)
-    if rem or accum == 0:
-        raise ValueError(f"PMConfig.batch_size={cfg.batch_size} must be a multiple of "
-                         f"micro_batch_size ({micro_batch_size}) x world size ({world})")
-    if cfg.warmup_steps < 0 or not 0.0 <= cfg.warmup_ratio < 1.0:
-        raise ValueError(f"PMConfig.warmup_steps={cfg.warmup_steps}, warmup_ratio="
-                         f"{cfg.warmup_ratio}: expected warmup_steps >= 0, 0 <= warmup_ratio < 1")
+    micro_batch_size, accum = check_config(cfg, world)
     steps_per_epoch = len(train) // cfg.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"{prefs_path}: {len(train)} training pairs, fewer than one batch "

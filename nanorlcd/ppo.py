@@ -166,7 +166,7 @@ class PPOConfig:
     rollout_batch_size: int = 512    # prompts rolled out per step, all ranks together
     # rollouts per optimiser step, all ranks (AlpacaFarm step_batch_size)
     minibatch_size: int = 256
-    micro_batch_size: int = 2        # rollouts per forward/backward on one rank
+    micro_batch_size: int = 2        # rollouts per forward/backward on one rank; 0 = minibatch / ranks
     gen_batch_size: int = 32         # prompts per generate() call on one rank
     ppo_epochs: int = 2              # passes over each rollout batch (noptepochs)
     max_prompt_len: int = 192        # prompts longer than this (tokens, BOS included) are dropped
@@ -219,14 +219,15 @@ class PPOConfig:
 
 def check_config(cfg, world):
     """Exact divisibility of the batch sizes over ranks, minibatches and micro-batches (one-line
-    errors)."""
+    errors). Returns cfg with micro_batch_size resolved (0 = the whole local minibatch)."""
     local_rollouts, rest1 = divmod(cfg.rollout_batch_size, world)
     local_minibatch, rest2 = divmod(cfg.minibatch_size, world)
+    micro = cfg.micro_batch_size or max(1, local_minibatch)
     if (rest1 or rest2 or local_minibatch == 0 or local_rollouts % local_minibatch
-            or local_minibatch % cfg.micro_batch_size):
+            or local_minibatch % micro):
         raise ValueError(f"PPOConfig: expected rollout_batch_size ({cfg.rollout_batch_size}) "
                          f"divisible by minibatch_size ({cfg.minibatch_size}), itself divisible by "
-                         f"world size ({world}) x micro_batch_size ({cfg.micro_batch_size})")
+                         f"world size ({world}) x micro_batch_size ({micro})")
     if cfg.steps < 1:
         raise ValueError(f"PPOConfig.steps: got {cfg.steps}, expected >= 1")
     if cfg.warmup_steps < 0:
@@ -234,6 +235,7 @@ def check_config(cfg, world):
     if cfg.temperature <= 0:
         raise ValueError(f"PPOConfig.temperature: got {cfg.temperature}, expected > 0 "
                          "(PPO samples)")
+    return replace(cfg, micro_batch_size=micro)
 
 
 # ----------------------------------------------------------------------------- numeric guards
@@ -395,7 +397,7 @@ def train_ppo(cfg, policy, ref, pm, value, tokenizer, prompts, out_dir, log_path
     log.jsonl (rank 0).
     Returns the last step's stats; raises Diverged (saving nothing) on a numeric fault."""
     rank, world, _ = dist.init()
-    check_config(cfg, world)
+    cfg = check_config(cfg, world)
     device = next(policy.parameters()).device
     ref = copy.deepcopy(policy) if ref is None else ref
     value = make_value_model(pm, cfg.keep_pm_head) if value is None else value

@@ -100,3 +100,10 @@ def tiny_tokenizer_path(tmp_path_factory):
 def pytest_collection_modifyitems(config, items):
     """Notebook executions run last: unit tests first, so a broken module shows up as itself."""
     items.sort(key=lambda item: item.get_closest_marker("notebook") is not None)
+
+
+def pytest_configure(config):
+    """One thread per test process: the CI machine has 2 cores, and torch's default of one thread per core
+    made some tests 20x slower when two processes (pytest and a torchrun child) shared them."""
+    import torch
+    torch.set_num_threads(1)

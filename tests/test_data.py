@@ -11,7 +11,7 @@ What is checked, and against what:
   the same reader), and the context-distillation view;
 - encodings (faults reproduced): a non-UTF-8 byte is a one-line error naming file and line in every
   reader; a UTF-8 BOM does not cost the first record (HH prompts, kind guess, preferences, SFT view);
-- the shipped premise file examples/premises.txt (outline task) and its format rules.
+- the shipped premise file nanorlcd/premises.txt (outline task) and its format rules.
 Run: `python -m pytest tests/test_data.py -q`
 """
 import json
@@ -203,7 +203,7 @@ def test_utf8_bom_keeps_the_first_record(tmp_path):
 
 
 def test_shipped_premise_file(tmp_path):
-    path = os.path.join(REPO, "examples", "premises.txt")
+    path = os.path.join(REPO, "nanorlcd", "premises.txt")
     prompts, summary = load_prompts(path)
     raw = [x.strip() for x in open(path, encoding="utf-8") if x.strip() and not x.startswith("#")]
     assert summary["kind"] == "premises" and summary["bad"] == 0 and len(prompts) == len(raw) == 12
