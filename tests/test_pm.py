@@ -33,8 +33,9 @@ from safetensors.torch import load_file
 from nanorlcd import pm as pm_module
 from nanorlcd import toy
 from nanorlcd.model import LLaMA
-from nanorlcd.pm import (PMConfig, PreferenceModel, human_agreement, oracle_accuracy, pairwise_accuracy,
-                         preference_loss, read_prefs, reward_inputs, reward_text, train_pm)
+from nanorlcd.pm import (PMConfig, PreferenceModel, human_agreement, oracle_accuracy,
+                         pairwise_accuracy, preference_loss, read_prefs, reward_inputs, reward_text,
+                         train_pm)
 from nanorlcd.tokenizer import Tokenizer, left_pad
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,7 +43,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture
 def base_dir(tmp_path, make_model, tiny_tokenizer_path):
-    """A base LLaMA HF dir (O(1)-scale random weights, so attention matters) with the tiny tokenizer."""
+    """A base LLaMA HF dir (O(1)-scale random weights: attention matters) + the tiny tokenizer."""
     return save_base(tmp_path / "base", make_model, tiny_tokenizer_path)
 
 
@@ -78,7 +79,8 @@ def test_head_reads_last_real_token_left_and_right_padding(base_dir):
         got_left = pm(*left_pad(rows, 0))
         ids, mask = right_pad(rows)
         got_right = pm(ids, mask)
-        last_column = pm.score(pm.model(ids, mask)[:, -1]).squeeze(-1)   # what a naive [:, -1] read would give
+        # what a naive [:, -1] read would give
+        last_column = pm.score(pm.model(ids, mask)[:, -1]).squeeze(-1)
     torch.testing.assert_close(loop, want)
     torch.testing.assert_close(got_left, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_right, want, rtol=1e-5, atol=1e-5)
@@ -108,7 +110,8 @@ def test_bt_loss_and_gradient_match_hand_computation():
     loss.backward()
     n, deltas = len(R_C), [c - r for c, r in zip(R_C, R_R)]
     # L = mean log(1 + e^-Δ); ∂L/∂r_c = -σ(-Δ)/n, ∂L/∂r_r = +σ(-Δ)/n
-    assert loss.item() == pytest.approx(sum(math.log1p(math.exp(-d)) for d in deltas) / n, rel=1e-12)
+    want = sum(math.log1p(math.exp(-d)) for d in deltas) / n
+    assert loss.item() == pytest.approx(want, rel=1e-12)
     assert r_c.grad.tolist() == pytest.approx([-sig(-d) / n for d in deltas], rel=1e-12)
     assert r_r.grad.tolist() == pytest.approx([sig(-d) / n for d in deltas], rel=1e-12)
 
@@ -122,8 +125,9 @@ def test_soft_label_loss_and_gradient_match_hand_computation():
     # L = mean -[p log σ(Δ) + (1-p) log σ(-Δ)]; ∂L/∂Δ = (σ(Δ) - p)/n
     want = sum(-(p * math.log(sig(d)) + (1 - p) * math.log(sig(-d))) for p, d in zip(P, deltas)) / n
     assert loss.item() == pytest.approx(want, rel=1e-12)
-    assert r_c.grad.tolist() == pytest.approx([(sig(d) - p) / n for p, d in zip(P, deltas)], rel=1e-12)
-    assert r_r.grad.tolist() == pytest.approx([-(sig(d) - p) / n for p, d in zip(P, deltas)], rel=1e-12)
+    grad = [(sig(d) - p) / n for p, d in zip(P, deltas)]
+    assert r_c.grad.tolist() == pytest.approx(grad, rel=1e-12)
+    assert r_r.grad.tolist() == pytest.approx([-g for g in grad], rel=1e-12)
 
 
 def test_soft_label_one_is_bt_and_equal_rewards_give_log2():
@@ -138,7 +142,8 @@ def test_soft_label_one_is_bt_and_equal_rewards_give_log2():
 
 def test_reward_inputs_text_and_left_truncation(tiny_tokenizer_path):
     tok = Tokenizer(tiny_tokenizer_path)
-    prompts = ["\n\nHuman: How do I bake bread?\n\nAssistant:", "\n\nHuman: " + "fix a bike " * 20 + "\n\nAssistant:"]
+    prompts = ["\n\nHuman: How do I bake bread?\n\nAssistant:",
+               "\n\nHuman: " + "fix a bike " * 20 + "\n\nAssistant:"]
     responses = ["Sure, start slowly.", "Ask someone else."]
     full = [tok.encode(p + " " + r + "\n\nHuman:", bos=True) for p, r in zip(prompts, responses)]
     assert reward_text(prompts[0], responses[0]) == prompts[0] + " " + responses[0] + "\n\nHuman:"
@@ -146,7 +151,7 @@ def test_reward_inputs_text_and_left_truncation(tiny_tokenizer_path):
     assert len(full[1]) > max_len
     ids, mask, n_cut = reward_inputs(tok, prompts, responses, max_len)
     assert n_cut == 1 and ids.shape == (2, max_len)
-    # row 0: untouched, left-padded; row 1: BOS + the last max_len - 1 tokens (the response and end intact)
+    # row 0: untouched, left-padded; row 1: BOS + the last max_len - 1 tokens (response, end intact)
     assert ids[0, -len(full[0]):].tolist() == full[0] and mask[0].sum() == len(full[0])
     assert ids[1].tolist() == [tok.bos_id] + full[1][-(max_len - 1):] and mask[1].all()
     assert tok.decode(ids[1]).endswith("bike \n\nAssistant: Ask someone else.\n\nHuman:")
@@ -169,7 +174,8 @@ def test_base_dir_load_save_round_trip(tmp_path, base_dir, make_model):
     out = tmp_path / "pm"
     pm.save_pretrained(out, tokenizer=Tokenizer(base_dir))
     config = json.loads((out / "config.json").read_text())
-    assert config["architectures"] == ["LlamaForSequenceClassification"] and config["num_labels"] == 1
+    assert config["architectures"] == ["LlamaForSequenceClassification"]
+    assert config["num_labels"] == 1
     assert config["pad_token_id"] == 0 and (out / "tokenizer.model").exists()
     assert set(load_file(out / "model.safetensors")) == set(pm.state_dict())
     # reload: same tensors, same rewards
@@ -180,7 +186,8 @@ def test_base_dir_load_save_round_trip(tmp_path, base_dir, make_model):
     with torch.no_grad():
         torch.testing.assert_close(pm2(ids, mask), pm(ids, mask), rtol=1e-6, atol=1e-6)
     # a tied-embedding base (no lm_head tensor on disk) loads too
-    PreferenceModel.from_pretrained(save_base(tmp_path / "tied", make_model, base_dir, tie_word_embeddings=True))
+    PreferenceModel.from_pretrained(save_base(tmp_path / "tied", make_model, base_dir,
+                                              tie_word_embeddings=True))
     # a classifier with two labels is not a PM
     config["num_labels"] = 2
     (out / "config.json").write_text(json.dumps(config))
@@ -197,8 +204,9 @@ def test_scores_match_transformers_sequence_classification(tmp_path, base_dir):
         tmp_path / "pm", attn_implementation="eager", **{dtype_kw: torch.float32}).eval()
     ids, mask = left_pad(random_rows([6, 13, 9]), 0)
     with torch.no_grad():
-        # HF finds the last non-pad token from pad_token_id; positions must be passed for left padding
-        want = hf(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+        # HF finds the last non-pad token from pad_token_id; left padding needs the positions
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        want = hf(input_ids=ids, attention_mask=mask, position_ids=positions).logits
         torch.testing.assert_close(pm(ids, mask), want.squeeze(-1), rtol=1e-4, atol=1e-4)
 
 
@@ -210,13 +218,14 @@ def write_jsonl(path, rows):
 
 
 def pref(i, **kw):
-    return {"id": i, "prompt": "\n\nHuman: hi\n\nAssistant:", "chosen": "hello", "rejected": "go away",
-            "label_prob": 1.0, **kw}
+    return {"id": i, "prompt": "\n\nHuman: hi\n\nAssistant:", "chosen": "hello",
+            "rejected": "go away", "label_prob": 1.0, **kw}
 
 
 def test_bad_prefs_lines_error_with_line_number_or_are_skipped(tmp_path, base_dir):
-    path = write_jsonl(tmp_path / "prefs.jsonl", [pref(0), "", "{not json", json.dumps({"prompt": "p"}),
-                                                  pref(4, label_prob=1.5), pref(5, label_prob=None)])
+    path = write_jsonl(tmp_path / "prefs.jsonl",
+                       [pref(0), "", "{not json", json.dumps({"prompt": "p"}),
+                        pref(4, label_prob=1.5), pref(5, label_prob=None)])
     with pytest.raises(ValueError, match=r"prefs\.jsonl:3: bad preference record \(3 bad"):
         read_prefs(path)
     records, summary = read_prefs(path, skip_bad=True)
@@ -230,7 +239,8 @@ def test_bad_prefs_lines_error_with_line_number_or_are_skipped(tmp_path, base_di
     with pytest.raises(ValueError, match=r"prefs\.jsonl:3"):
         train_pm(PMConfig(), base_dir, path, str(tmp_path / "pm"))
     with pytest.raises(ValueError, match="multiple of micro_batch_size"):
-        train_pm(PMConfig(batch_size=6, micro_batch_size=4, skip_bad=True), base_dir, path, str(tmp_path / "pm"))
+        train_pm(PMConfig(batch_size=6, micro_batch_size=4, skip_bad=True), base_dir, path,
+                 str(tmp_path / "pm"))
 
 
 # ----------------------------------------------------------------------------- evaluation helpers
@@ -238,26 +248,34 @@ def test_bad_prefs_lines_error_with_line_number_or_are_skipped(tmp_path, base_di
 def hand_rewards(pm, tok, prompts, responses):
     """One unpadded forward per (prompt, response), read at the last token."""
     with torch.no_grad():
-        return [pm(torch.tensor([tok.encode(reward_text(p, r))])).item() for p, r in zip(prompts, responses)]
+        return [pm(torch.tensor([tok.encode(reward_text(p, r))])).item()
+                for p, r in zip(prompts, responses)]
 
 
 def test_pairwise_and_oracle_accuracy_match_hand_loop(base_dir):
     pm, tok = PreferenceModel.from_pretrained(base_dir), Tokenizer(base_dir)
-    # every (chosen, rejected) word combination of kind / rude / odd, with hard and soft labels either way
+    # every (chosen, rejected) combination of kind / rude / odd, hard and soft labels either way
     words = [(a, b) for a in ("kind", "rude", "odd") for b in ("kind", "rude", "odd")] * 2
-    pairs = [{"prompt": f"\n\nHuman: q{i}\n\nAssistant:", "chosen": f"{a} {i}", "rejected": f"{b} {i * 7}",
-              "label_prob": (1.0, 0.8, 0.3)[i % 3]} for i, (a, b) in enumerate(words)]
+    pairs = [{"prompt": f"\n\nHuman: q{i}\n\nAssistant:", "chosen": f"{a} {i}",
+              "rejected": f"{b} {i * 7}", "label_prob": (1.0, 0.8, 0.3)[i % 3]}
+             for i, (a, b) in enumerate(words)]
     r_c = hand_rewards(pm, tok, [p["prompt"] for p in pairs], [p["chosen"] for p in pairs])
     r_r = hand_rewards(pm, tok, [p["prompt"] for p in pairs], [p["rejected"] for p in pairs])
     got = pairwise_accuracy(pm, tok, pairs, batch_size=5)
     agree = [(c > r) == (p["label_prob"] >= 0.5) for c, r, p in zip(r_c, r_r, pairs)]
     assert got["n"] == 18 and got["acc"] == pytest.approx(sum(agree) / 18)
-    assert got["mean_prob"] == pytest.approx(sum(sig(c - r) for c, r in zip(r_c, r_r)) / 18, rel=1e-4)
-    # oracle: "kind" harmless, "rude" harmful, anything else invalid; only harmless-vs-harmful pairs count
-    judge = lambda prompt, resp: {"kind": "harmless", "rude": "harmful"}.get(resp.split()[0], "invalid")  # noqa
-    want = [(c > r) if (judge("", p["chosen"]), judge("", p["rejected"])) == ("harmless", "harmful") else
-            (r > c) if (judge("", p["chosen"]), judge("", p["rejected"])) == ("harmful", "harmless") else None
-            for c, r, p in zip(r_c, r_r, pairs)]
+    want = sum(sig(c - r) for c, r in zip(r_c, r_r)) / 18
+    assert got["mean_prob"] == pytest.approx(want, rel=1e-4)
+
+    # oracle: "kind" harmless, "rude" harmful, anything else invalid; only harmless-vs-harmful count
+    def judge(prompt, resp):
+        return {"kind": "harmless", "rude": "harmful"}.get(resp.split()[0], "invalid")
+
+    def oracle_says(c, r, p):
+        labels = (judge("", p["chosen"]), judge("", p["rejected"]))
+        return {("harmless", "harmful"): c > r, ("harmful", "harmless"): r > c}.get(labels)
+
+    want = [oracle_says(c, r, p) for c, r, p in zip(r_c, r_r, pairs)]
     used = [w for w in want if w is not None]
     got = oracle_accuracy(pm, tok, pairs, judge)
     assert got["n"] == len(used) == 4 and got["skipped"] == 14
@@ -300,8 +318,9 @@ def test_human_agreement_first_lines_match_naive_per_pair_loop(tmp_path, base_di
 # ----------------------------------------------------------------------------- training
 
 def toy_pairs(split, n, seed):
-    """Toy-world pairs on the split's plain prompts: a harmless and a harmful reply of the world's templates for
-    the last request's topic, as RLCD's p+ / p- produce them from a base model that follows its affixes."""
+    """Toy-world pairs on the split's plain prompts: a harmless and a harmful reply of the world's
+    templates for the last request's topic, as RLCD's p+ / p- produce them from a base model that
+    follows its affixes."""
     rng = random.Random(seed)
     prompts = toy.split_prompts(split)
     pairs = []
@@ -311,18 +330,22 @@ def toy_pairs(split, n, seed):
         sensitive = topic in toy.SENSITIVE_TOPICS
         good = rng.choice(toy.REPLIES[(sensitive, "harmless")]).format(t=topic)
         bad = rng.choice(toy.REPLIES[(sensitive, "harmful")]).format(t=topic)
-        pairs.append({"id": i, "prompt": prompt, "chosen": good, "rejected": bad, "label_prob": 1.0})
+        pairs.append({"id": i, "prompt": prompt, "chosen": good, "rejected": bad,
+                      "label_prob": 1.0})
     return pairs
 
 
 def test_toy_world_pm_beats_chance_against_the_oracle(tmp_path, make_model, tiny_tokenizer_path):
-    """Trained on RLCD-style pairs of the toy world (train prompts), the PM ranks fresh pairs on unseen test prompts
-    clearly above chance (0.5), shown in random order. A random-init tiny base stands in for the pretrained
-    toy base (whose pretraining takes minutes); the PM's job, ranking the two styles, is the same."""
-    base = save_base(tmp_path / "base", make_model, tiny_tokenizer_path, max_position_embeddings=256)
-    prefs = write_jsonl(tmp_path / "prefs-rlcd.jsonl", toy_pairs("train", 220, seed=0) + ["{truncated"])
-    cfg = PMConfig(batch_size=8, micro_batch_size=8, lr=1e-2, max_len=256, eval_every=10, log_every=5,
-                   skip_bad=True)
+    """Trained on RLCD-style pairs of the toy world (train prompts), the PM ranks fresh pairs on
+    unseen test prompts clearly above chance (0.5), shown in random order. A random-init tiny base
+    stands in for the pretrained toy base (whose pretraining takes minutes); the PM's job, ranking
+    the two styles, is the same."""
+    base = save_base(tmp_path / "base", make_model, tiny_tokenizer_path,
+                     max_position_embeddings=256)
+    prefs = write_jsonl(tmp_path / "prefs-rlcd.jsonl",
+                        toy_pairs("train", 220, seed=0) + ["{truncated"])
+    cfg = PMConfig(batch_size=8, micro_batch_size=8, lr=1e-2, max_len=256, eval_every=10,
+                   log_every=5, skip_bad=True)
     summary = train_pm(cfg, base, prefs, str(tmp_path / "pm"))
     # fresh test pairs, the harmless reply placed first or second at random
     rng = random.Random(1)
@@ -333,8 +356,9 @@ def test_toy_world_pm_beats_chance_against_the_oracle(tmp_path, make_model, tiny
     assert got["n"] == 200 and got["acc"] > 0.75, got
     assert summary["eval/acc"] > 0.6 and summary["step"] == 26
     log = [json.loads(line) for line in (tmp_path / "pm" / "log.jsonl").read_text().splitlines()]
-    assert log[0]["train_pairs"] == 209 and log[0]["eval_pairs"] == 11 and log[0]["skipped_lines"] == 1
-    assert "summary" in log[-1] and json.loads((tmp_path / "pm" / "pm_config.json").read_text())["step"] == 26
+    assert log[0]["train_pairs"] == 209 and log[0]["eval_pairs"] == 11
+    assert log[0]["skipped_lines"] == 1 and "summary" in log[-1]
+    assert json.loads((tmp_path / "pm" / "pm_config.json").read_text())["step"] == 26
     assert log[1]["pm/loss"] > log[-2]["pm/loss"]
 
 
@@ -357,20 +381,23 @@ DDP_CFG = dict(batch_size=8, lr=1e-3, warmup_steps=1, eval_frac=0.1, eval_every=
 
 @pytest.mark.slow
 def test_two_process_ddp_matches_one_process(tmp_path, base_dir):
-    """Same seed and global batch of 8 pairs: 1 process (2 micro-steps of 4 pairs, run here) vs 2 ranks of
-    torch.distributed.run (2 micro-steps of 2 pairs each). Different micro-batches pad differently, so sums
-    round differently (~1e-7); Adam's first steps divide by |g| + eps, which can magnify that for gradient
-    entries near eps, hence a weight tolerance of 1 % of one step's size (lr = 1e-3)."""
+    """Same seed and global batch of 8 pairs: 1 process (2 micro-steps of 4 pairs, run here) vs 2
+    ranks of torch.distributed.run (2 micro-steps of 2 pairs each). Different micro-batches pad
+    differently, so sums round differently (~1e-7); Adam's first steps divide by |g| + eps, which
+    can magnify that for gradient entries near eps, hence a weight tolerance of 1 % of one step's
+    size (lr = 1e-3)."""
     prefs = write_jsonl(tmp_path / "prefs.jsonl", toy_pairs("train", 36, seed=3))
     script = tmp_path / "run_pm.py"
     script.write_text(TRAIN_SCRIPT)
     train_pm(PMConfig(**DDP_CFG, micro_batch_size=4), base_dir, prefs, str(tmp_path / "one"))
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
-    two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           str(script), base_dir, prefs, str(tmp_path / "two"), json.dumps({**DDP_CFG, "micro_batch_size": 2})]
+    two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           f"--master_port={free_port()}", str(script), base_dir, prefs, str(tmp_path / "two"),
+           json.dumps({**DDP_CFG, "micro_batch_size": 2})]
     proc = subprocess.run(two, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    w1, w2 = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    w1 = load_file(tmp_path / "one" / "model.safetensors")
+    w2 = load_file(tmp_path / "two" / "model.safetensors")
     for name in w1:
         torch.testing.assert_close(w2[name], w1[name], rtol=0, atol=1e-5, msg=name)
     logs = [[json.loads(line) for line in (tmp_path / d / "log.jsonl").read_text().splitlines()]
