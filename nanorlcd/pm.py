@@ -279,8 +279,8 @@ class PMConfig:
 
 
 def check_config(cfg, world):
-    """Exact divisibility of the batch over ranks and micro-batches, and a sane warmup (one-line errors).
-    Returns (micro_batch_size resolved: 0 = batch_size / ranks, accumulation steps)."""
+    """Exact divisibility of the batch over ranks and micro-batches, and a sane warmup (one-line
+    errors). Returns (micro_batch_size resolved: 0 = batch_size / ranks, accumulation steps)."""
     micro_batch_size = cfg.micro_batch_size or max(1, cfg.batch_size // world)
     accum, rem = divmod(cfg.batch_size, micro_batch_size * world)
     if rem or accum == 0:
