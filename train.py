@@ -55,6 +55,7 @@ class Preset:
     task: str = "harmless"             # harmless | helpful | outline (affix pairs, RLAIF instructions)
     sample_max_new_tokens: int = 64    # reply cap for --stage sample (paper eval: 300)
     sample_top_p: float = None         # paper eval: 0.9; the toy numbers use plain temperature 1
+    dtype: str = "float32"             # weights of models that are not trained (simulate, sample): bfloat16
     rlcd: RLCDConfig = field(default_factory=RLCDConfig)
     pm: PMConfig = field(default_factory=PMConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
@@ -87,8 +88,15 @@ LLAMA7B_HARMLESS = Preset(
     eval_offset=1000, n_eval=1000, sample_max_new_tokens=300, sample_top_p=0.9,
     rlcd=RLCDConfig(batch_size=16, max_new_tokens=300),
     # 16 pairs per step = 1 pair per GPU x 2 accumulation steps x 8 GPUs, as the reference runs it
-    pm=PMConfig(bf16=True, micro_batch_size=1),
-    sft=SFTConfig(epochs=3, batch_size=128, micro_batch_size=4, lr=2e-5, seq_len=512, bf16=True),
+    pm=PMConfig(bf16=True, micro_batch_size=1, save_every=50),
+    # context distillation as the reference's SFT: one example per row, o+ + "\n\nHuman:" + EOS as the
+    # target, mean of per-example losses, 128 examples per step, AdamW beta2 0.999 without weight decay,
+    # 3 % warmup then cosine to 0 (a row holds seq_len + 1 = 512 tokens, the reference's max length)
+    sft=SFTConfig(epochs=3, batch_size=128, micro_batch_size=1, seq_len=511, packing=False,
+                  append_end_marker=True, per_example_loss=True, lr=2e-5, warmup_steps=0,
+                  warmup_ratio=0.03, min_lr_ratio=0.0, weight_decay=0.0, beta1=0.9, beta2=0.999,
+                  grad_clip=1.0, bf16=True, save_every=100),
+    dtype="bfloat16",
     ppo=replace(PPOConfig(), kl_coef=0.004))
 LLAMA7B_HELPFUL = replace(LLAMA7B_HARMLESS, run="llama7b-helpful", task="helpful",
                           rlcd=replace(LLAMA7B_HARMLESS.rlcd, task="helpful"),
@@ -108,6 +116,8 @@ def check_batches(preset, world):
     check_ppo_config(preset.ppo, world)
     check_sft_config(preset.sft, world)
     check_pm_config(preset.pm, world)
+    if preset.dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype={preset.dtype!r}: expected float32, bfloat16 or float16")
 
 
 def _parse_value(text, typ, name):
@@ -190,9 +200,11 @@ class Run:
                     + (f", first at line {summary['first_bad_line']})" if summary["bad"] else ")"))
         return prompts
 
-    def base_model(self):
+    def base_model(self, frozen=True):
+        """The base LLaMA and its tokenizer; a model that is not trained loads in the preset's dtype."""
         self.need(os.path.join(self.base, "config.json"), "pretrain")
-        return LLaMA.from_pretrained(self.base, device=dist.device()), Tokenizer(self.base)
+        dtype = getattr(torch, self.p.dtype) if frozen else torch.float32
+        return LLaMA.from_pretrained(self.base, dtype=dtype, device=dist.device()), Tokenizer(self.base)
 
 
 @contextlib.contextmanager
@@ -256,9 +268,12 @@ def stage_pm(run, method):
     the oracle on fresh held-out pairs drawn from the base model."""
     run.need(os.path.join(run.base, "config.json"), "pretrain")
     prefs = run.need_prefs(method)
-    out = run.fresh(os.path.join(run.dir, f"pm-{method}"))
-    with built_aside(out) as tmp:
-        summary = train_pm(run.p.pm, run.base, prefs, tmp)
+    out = os.path.join(run.dir, f"pm-{method}")
+    if run.args.resume:                     # continue out/'s last periodic checkpoint (pm.save_every)
+        summary = train_pm(run.p.pm, run.base, prefs, out, resume=True)
+    else:
+        with built_aside(run.fresh(out)) as tmp:
+            summary = train_pm(run.p.pm, run.base, prefs, tmp)
     if run.p.toy:
         summary.update(pm_oracle_accuracy(run, out))
     if run.args.hh_eval:
@@ -295,13 +310,17 @@ def stage_sft(run):
     """Context distillation (paper Sec. 4 baseline): SFT of the base model on (p, o+), loss on o+ tokens only."""
     run.need_prefs("rlcd")                  # sft-data.jsonl is written with a finished prefs-rlcd.jsonl
     data = run.need(os.path.join(run.dir, "sft-data.jsonl"), "simulate", " --method rlcd")
-    out = run.fresh(os.path.join(run.dir, "sft"))
-    model, tok = run.base_model()
+    out = os.path.join(run.dir, "sft") if run.args.resume else run.fresh(os.path.join(run.dir, "sft"))
+    model, tok = run.base_model(frozen=False)
     examples = read_sft_data(data)          # (plain prompt, o+); tokenize_example adds the one seam space
     n_val = max(1, len(examples) // 20)
-    with built_aside(out) as tmp:
+    if run.args.resume:                     # continue out/'s last periodic checkpoint (sft.save_every)
         summary = train_lm(run.p.sft, model.train(), tok, examples[:-n_val], examples[-n_val:],
-                           out_dir=tmp, log_path=os.path.join(tmp, "log.jsonl"))
+                           out_dir=out, log_path=os.path.join(out, "log.jsonl"), resume=True)
+    else:
+        with built_aside(out) as tmp:
+            summary = train_lm(run.p.sft, model.train(), tok, examples[:-n_val], examples[-n_val:],
+                               out_dir=tmp, log_path=os.path.join(tmp, "log.jsonl"))
     _summarise(run, "sft", summary)
     return summary
 
@@ -310,8 +329,8 @@ def stage_ppo(run, method):
     """Paper Sec. 3, step 3: PPO of the base model against pm-<method>."""
     pm_dir = run.need(os.path.join(run.dir, f"pm-{method}"), "pm", f" --method {method}")
     out = run.fresh(os.path.join(run.dir, f"ppo-{method}"))
-    policy, tok = run.base_model()
-    pm = PreferenceModel.from_pretrained(pm_dir, device=dist.device())
+    policy, tok = run.base_model(frozen=False)
+    pm = PreferenceModel.from_pretrained(pm_dir, dtype=getattr(torch, run.p.dtype), device=dist.device())
     prompts = run.prompts(run.args.prompts or run.p.prompts, "--prompts")
     with built_aside(out) as tmp:
         summary = train_ppo(run.p.ppo, policy.train(), None, pm, None, tok, prompts, tmp)
@@ -356,9 +375,10 @@ def stage_sample(run, name):
     pdir, stage = policy_dir(run, name)
     run.need(os.path.join(pdir, "config.json"), stage or "ppo")
     out_path = run.fresh(os.path.join(run.dir, f"samples-{sample_name(run, name)}.jsonl"))
-    policy, tok = LLaMA.from_pretrained(pdir, device=dist.device()), Tokenizer(pdir)
+    dtype = getattr(torch, run.p.dtype)
+    policy, tok = LLaMA.from_pretrained(pdir, dtype=dtype, device=dist.device()), Tokenizer(pdir)
     same = os.path.abspath(pdir) == os.path.abspath(run.base)
-    base = policy if same else LLaMA.from_pretrained(run.base, device=dist.device())
+    base = policy if same else LLaMA.from_pretrained(run.base, dtype=dtype, device=dist.device())
     spec = run.args.eval_prompts or run.p.eval_prompts
     every = run.prompts(spec, "--eval-prompts")
     # the paper: the first 1000 HH-RLHF test prompts are a dev set, the next 1000 the test set (eval_offset)
@@ -502,7 +522,9 @@ def parse_args(argv=None):
                     help="--stage eval: oracle (toy default), a preference-model dir or an LM dir")
     ap.add_argument("--hh-eval", default=None,
                     help="--stage pm: HH-RLHF jsonl whose first 2000 pairs measure agreement with humans")
-    ap.add_argument("--resume", action="store_true", help="--stage simulate: continue an interrupted file")
+    ap.add_argument("--resume", action="store_true",
+                    help="simulate: continue an interrupted file; pm, sft: continue the last periodic "
+                         "checkpoint (--pm.save_every / --sft.save_every)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output of this stage")
     args, rest = ap.parse_known_args(argv)
     args.overrides = _split_overrides(ap, rest)
@@ -534,6 +556,11 @@ def main(argv=None):
     preset = apply_overrides(PRESETS[args.preset], args.overrides)
     run = Run(args, preset)
     dist.init()
+    try:                                   # every setting checked before any work (one line on failure)
+        check_batches(preset, dist.world_size())
+    except ValueError as e:
+        dist.cleanup()
+        raise SystemExit(f"error: {e}") from None
     if dist.is_main():
         os.makedirs(run.dir, exist_ok=True)
         dist.print0(f"run {run.dir} | stage {args.stage} | preset {args.preset} | world {dist.world_size()}"
