@@ -180,8 +180,8 @@ class LMJudge:
             rows = [self.tokenizer.encode(t, bos=True) for t in texts[i:i + self.batch_size]]
             rows = [r if len(r) <= max_len else r[:1] + r[len(r) - max_len + 1:] for r in rows]
             ids, mask = (x.to(device) for x in left_pad(rows, self.tokenizer.pad_id))
-            h = self.model.model(ids, mask)[:, -1]      # (B, D) left-padded: last column = last
-            logits = self.model.lm_head(h).float()      # (B, V) only the last position
+            # (B, V) left-padded: the last column is every row's last token
+            logits = self.model(ids, mask, keep=1)[:, -1].float()
             probs += logits[:, list(self.ids)].softmax(-1)[:, 0].tolist()
         return probs
 

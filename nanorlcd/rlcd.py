@@ -181,9 +181,8 @@ def score_ab(model, tokenizer, texts, ab_tokens="project"):
     rows = [tokenizer.encode(t, bos=True) for t in texts]
     rows = [r if len(r) <= max_len else r[:1] + r[len(r) - max_len + 1:] for r in rows]
     ids, mask = (x.to(model.lm_head.weight.device) for x in left_pad(rows, tokenizer.pad_id))
-    # 2. backbone once; left padding puts every row's last real token in the last column
-    h = model.model(ids, mask)[:, -1]         # (N, D) hidden state before the answer letter
-    logits = model.lm_head(h).float()         # (N, V) only the last position through lm_head
+    # 2. one forward through the root; left padding puts every row's last token in the last column
+    logits = model(ids, mask, keep=1)[:, -1].float()     # (N, V) only the last position
     # 3. two-way softmax over the A and B logits
     return logits[:, [a_id, b_id]].softmax(-1)[:, 1]     # (N,) P(B)
 

@@ -268,7 +268,10 @@ class FakeJudgeLM(torch.nn.Module):
         with torch.no_grad():
             self.lm_head.weight.zero_()
             self.lm_head.weight[a_id, 0] = self.lm_head.weight[b_id, 1] = 1.0
-        self.model = self.backbone
+    def forward(self, ids, mask, keep=None):
+        """LLaMA's call signature: logits of the kept positions (here only keep=1 is asked for)."""
+        assert keep == 1
+        return self.lm_head(self.backbone(ids, mask)[:, -1:])
 
     def backbone(self, ids, mask):
         h = torch.zeros(ids.shape[0], ids.shape[1], 2)
