@@ -43,7 +43,7 @@ class Rollout:
     # (N, R) long, sampled replies right-padded (EOS / stop tokens kept)
     response_ids: torch.Tensor
     response_mask: torch.Tensor   # (N, R) long, 1 on real response tokens
-    # (N, R) float32, log π_old(y_t) at logits / temperature (fresh forward)
+    # (N, R) float32, log π_old(y_t) at logits / temperature (sampler or fresh forward)
     logprobs: torch.Tensor
     ref_logprobs: torch.Tensor    # (N, R) float32, log π_ref(y_t) at logits / temperature
     # (N, R) float32, V_old(s_t), the value of the state before token t
@@ -57,6 +57,9 @@ class Rollout:
     finished: torch.Tensor
     prompts: list                 # N prompt texts
     replies: list                 # N reply texts, cut at the next human turn (what the PM read)
+    # (N,) bool, rows whose logprobs and entropy come from a fresh forward, the others' from the
+    # sampler (collect_rollouts' recompute_logprobs); rollout/logprob_gap is measured on these
+    recomputed: Optional[torch.Tensor] = None
     # (N, R) log π_old − log π_ref per token (clamped if asked)
     kl: Optional[torch.Tensor] = None
     # (N, R) per-token rewards: −β·kl, + score on the last token
@@ -120,20 +123,27 @@ def make_value_model(pm, keep_pm_head=False):
 
 def response_logits(model, query_ids, query_mask, response_ids, response_mask, temperature):
     """Logits / temperature (B, R, V), fp32, of the response positions, from one forward over query
-    (B, P) + response (B, R). `model` is a LLaMA (anything with a .model backbone and an
-    .lm_head)."""
+    (B, P) + response (B, R). `model` is a LLaMA, called at its root (so FSDP and DDP wrappers see
+    the call); only the R kept positions go through its LM head."""
     prompt_len = query_ids.shape[1]
     ids = torch.cat([query_ids, response_ids], dim=1)                          # (B, P + R)
-    hidden = model.model(ids, torch.cat([query_mask, response_mask], dim=1))  # (B, P + R, D)
+    mask = torch.cat([query_mask, response_mask], dim=1)                       # (B, P + R)
     # the hidden state at column P-1+t produces the logits of response token t: columns P-1 .. P+R-2
-    return model.lm_head(hidden[:, prompt_len - 1:-1]).float() / temperature   # (B, R, V)
+    logits = model(ids, mask, keep=slice(prompt_len - 1, ids.shape[1] - 1))    # (B, R, V)
+    return logits.float() / temperature
+
+
+def token_logprobs(logits, tokens):
+    """log softmax(logits) at `tokens`: (B, R, V), (B, R) -> (B, R), without materialising the
+    (B, R, V) log-softmax (logit − logsumexp)."""
+    return logits.gather(-1, tokens[..., None]).squeeze(-1) - logits.logsumexp(-1)
 
 
 def response_logprobs(model, query_ids, query_mask, response_ids, response_mask, temperature):
     """log π(y_t) (B, R) of the response tokens under softmax(logits / temperature); pads are not
     zeroed (the caller masks them)."""
     logits = response_logits(model, query_ids, query_mask, response_ids, response_mask, temperature)
-    return logits.log_softmax(-1).gather(-1, response_ids[..., None]).squeeze(-1)   # (B, R)
+    return token_logprobs(logits, response_ids)                                # (B, R)
 
 
 def response_values(value, query_ids, query_mask, response_ids, response_mask):
@@ -145,21 +155,28 @@ def response_values(value, query_ids, query_mask, response_ids, response_mask):
     return value.score(hidden[:, prompt_len - 1:-1]).squeeze(-1).float()      # (B, R)
 
 
+def entropy_of(logits):
+    """Entropy (B, R) of softmax(logits) (B, R, V): − Σ p log p over the vocabulary."""
+    logp_all = logits.log_softmax(-1)                                          # (B, R, V)
+    return -(logp_all.exp() * logp_all).sum(-1)
+
+
 class ActorCritic(nn.Module):
     """Policy + value as one module, so that one DDP wrapper syncs both and one optimiser and one
     grad clip cover both (AlpacaFarm's ActorCritic). forward -> (logprobs, entropy, values), each
-    (B, R)."""
+    (B, R). entropy_grad=False computes the entropy outside autograd: the paper trains without an
+    entropy bonus (ent_coef 0), so its full-vocabulary graph would be built and never used."""
 
-    def __init__(self, policy, value):
+    def __init__(self, policy, value, entropy_grad=True):
         super().__init__()
-        self.policy, self.value = policy, value
+        self.policy, self.value, self.entropy_grad = policy, value, entropy_grad
 
     def forward(self, query_ids, query_mask, response_ids, response_mask, temperature):
         logits = response_logits(self.policy, query_ids, query_mask, response_ids, response_mask,
-                                 temperature)
-        logp_all = logits.log_softmax(-1)                                        # (B, R, V)
-        logprobs = logp_all.gather(-1, response_ids[..., None]).squeeze(-1)      # (B, R)
-        entropy = -(logp_all.exp() * logp_all).sum(-1)                           # (B, R)
+                                 temperature)                                    # (B, R, V)
+        logprobs = token_logprobs(logits, response_ids)                          # (B, R)
+        with torch.set_grad_enabled(self.entropy_grad and torch.is_grad_enabled()):
+            entropy = entropy_of(logits)                                         # (B, R)
         values = response_values(self.value, query_ids, query_mask, response_ids, response_mask)
         return logprobs, entropy, values
 
@@ -177,13 +194,25 @@ def right_pad(rows, pad_id, device):
 
 
 @torch.no_grad()
-def collect_rollouts(ac, ref, pm, tokenizer, prompt_texts, prompt_ids, cfg, generator):
+def collect_rollouts(ac, ref, pm, tokenizer, prompt_texts, prompt_ids, cfg, generator,
+                     recompute_logprobs=True):
     """One batch of experience on this rank for the prompts (texts and their BOS-led token ids):
-    sample, score, recompute. `cfg` is a PPOConfig. Returns a `Rollout` without rewards and
-    advantages."""
-    device, micro_batch_size = next(ac.parameters()).device, cfg.micro_batch_size
+    sample, score, then forward over the exact tokens. `cfg` is a PPOConfig. Returns a `Rollout`
+    without rewards and advantages.
+
+    recompute_logprobs: where log π_old and the entropies come from. True (default): a fresh
+    forward over every row, the same computation as the reference's and the update's, so an exact
+    copy of the policy gives a KL of exactly 0 and the first update a ratio of exactly 1. False:
+    the sampler's (the distribution each token was drawn from; they differ from a full forward only
+    by float rounding, ~1e-6 in fp32, more in bf16), which saves one policy forward over the batch;
+    one micro-batch of rows is still recomputed (`Rollout.recomputed`), so `rollout/logprob_gap`
+    keeps checking the KV-cached decoding against a full forward."""
+    device = next(ac.parameters()).device
+    # rows per no-grad forward: the frozen models and the value model need no backward, so they
+    # take the sampler's batch rather than the (small) training micro-batch
+    chunk = max(cfg.gen_batch_size, cfg.micro_batch_size)
     # 1. sample at the PPO temperature, no truncation, stopping at EOS or the next human turn
-    tokens, finished, gen_logprobs = [], [], []
+    tokens, finished, gen_logprobs, gen_entropy = [], [], [], []
     for i in range(0, len(prompt_ids), cfg.gen_batch_size):
         out = generate(ac.policy, prompt_ids[i:i + cfg.gen_batch_size], cfg.max_new_tokens,
                        temperature=cfg.temperature, eos_id=tokenizer.eos_id, stop_strings=[HUMAN],
@@ -191,43 +220,55 @@ def collect_rollouts(ac, ref, pm, tokenizer, prompt_texts, prompt_ids, cfg, gene
         tokens += out.tokens
         finished.append(out.finished)
         gen_logprobs.append(out.logprobs)                       # (gen_batch_size, T_new), 0 on pads
+        gen_entropy.append(out.entropy)
     finished = torch.cat(finished)                                                     # (N,)
     query_ids, query_mask = (t.to(device) for t in left_pad(prompt_ids, tokenizer.pad_id))  # (N, P)
     response_ids, response_mask = right_pad(tokens, tokenizer.pad_id, device)            # (N, R)
-    width = response_ids.shape[1]
-    gen_logprobs = torch.cat([F.pad(g, (0, width - g.shape[1])) for g in gen_logprobs]).to(device)
-    # 2. PM score of prompt + " " + reply + "\n\nHuman:"; the penalty replaces it if the reply never
-    # ended
-    #    or is empty (the reference penalises replies without a proper end the same way)
+    n, width = response_ids.shape
+    gen_logprobs, gen_entropy = (torch.cat([F.pad(g, (0, width - g.shape[1])) for g in parts])
+                                 .to(device) for parts in (gen_logprobs, gen_entropy))  # (N, R)
+    # 2. PM score of prompt + " " + reply + "\n\nHuman:"; the penalty replaces it if the reply
+    #    never ended or is empty (the reference penalises replies without a proper end the same way)
     replies = [cut_reply(tokenizer.decode(t)) for t in tokens]
     scores = []
-    for i in range(0, len(replies), micro_batch_size):
-        ids, mask, _ = reward_inputs(tokenizer, prompt_texts[i:i + micro_batch_size],
-                                     replies[i:i + micro_batch_size], cfg.pm_max_len)
+    for i in range(0, n, chunk):
+        ids, mask, _ = reward_inputs(tokenizer, prompt_texts[i:i + chunk], replies[i:i + chunk],
+                                     cfg.pm_max_len)
         scores.append(pm(ids.to(device), mask.to(device)).float())
     pm_scores = torch.cat(scores)                                                      # (N,)
     ended = finished & torch.tensor([len(reply) > 0 for reply in replies], device=device)
     scores = pm_scores
     if cfg.penalty_reward is not None:
         scores = torch.where(ended, pm_scores, cfg.penalty_reward)
-    # 3. a fresh forward over the exact sampled tokens: log π, entropy, V and log π_ref, micro-batch
-    # by
-    #    micro-batch on trimmed columns, padded back to (N, R)
-    parts = {"logprobs": [], "entropy": [], "values": [], "ref_logprobs": []}
-    for i in range(0, len(tokens), micro_batch_size):
-        rows = slice(i, i + micro_batch_size)
+    # 3. forwards over the exact sampled tokens, chunk by chunk on trimmed columns: V_old and
+    #    log π_ref on every row, log π_old and entropy on the first `checked` rows (all, or one
+    #    micro-batch as a check of the sampler's)
+    def trimmed(rows):
         first, last = shared_pad_columns(query_mask[rows], response_mask[rows])
-        inputs = (query_ids[rows, first:], query_mask[rows, first:], response_ids[rows, :last],
-                  response_mask[rows, :last])
-        logprobs, entropy, values = ac(*inputs, cfg.temperature)
-        ref_logprobs = response_logprobs(ref, *inputs, cfg.temperature)
-        for name, v in zip(parts, (logprobs, entropy, values, ref_logprobs)):
-            parts[name].append(F.pad(v, (0, width - v.shape[1])))
+        return last, (query_ids[rows, first:], query_mask[rows, first:],
+                      response_ids[rows, :last], response_mask[rows, :last])
+
+    values, ref_logprobs = torch.zeros_like(gen_logprobs), torch.zeros_like(gen_logprobs)  # (N, R)
+    for i in range(0, n, chunk):
+        rows = slice(i, i + chunk)
+        last, inputs = trimmed(rows)
+        values[rows, :last] = response_values(ac.value, *inputs)
+        ref_logprobs[rows, :last] = response_logprobs(ref, *inputs, cfg.temperature)
+    checked = n if recompute_logprobs else min(n, cfg.micro_batch_size)
+    logprobs, entropy = gen_logprobs.clone(), gen_entropy.clone()                      # (N, R)
+    for i in range(0, checked, chunk):
+        rows = slice(i, min(i + chunk, checked))
+        last, inputs = trimmed(rows)
+        logits = response_logits(ac.policy, *inputs, cfg.temperature)             # (B, R', V)
+        logprobs[rows, :last] = token_logprobs(logits, inputs[2])
+        entropy[rows, :last] = entropy_of(logits)
+    recomputed = torch.arange(n, device=device) < checked                              # (N,)
     # pads hold whatever the forward produced there; every consumer masks them
     return Rollout(query_ids=query_ids, query_mask=query_mask, response_ids=response_ids,
-                   response_mask=response_mask, **{k: torch.cat(v) for k, v in parts.items()},
-                   gen_logprobs=gen_logprobs, pm_scores=pm_scores, scores=scores,
-                   finished=finished, prompts=list(prompt_texts), replies=replies)
+                   response_mask=response_mask, logprobs=logprobs, ref_logprobs=ref_logprobs,
+                   values=values, entropy=entropy, gen_logprobs=gen_logprobs, pm_scores=pm_scores,
+                   scores=scores, finished=finished, prompts=list(prompt_texts), replies=replies,
+                   recomputed=recomputed)
 
 
 def print_table(rollout, n):

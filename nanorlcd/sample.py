@@ -31,6 +31,7 @@ class Generation:
     response_mask: torch.Tensor   # (B, T_new) long, 1 on real new tokens (incl. EOS), 0 after the row finished
     logprobs: torch.Tensor        # (B, T_new) float32, log p(token) under softmax(logits / T) before top-k/p; 0 on pads
     finished: torch.Tensor        # (B,) bool, True if the row ended with EOS or a stop string (False: max_new_tokens)
+    entropy: torch.Tensor = None  # (B, T_new) float32, entropy of softmax(logits / T) at each step; 0 on pads
 
 
 def filter_logits(logits, top_k=None, top_p=None):
@@ -51,19 +52,28 @@ def filter_logits(logits, top_k=None, top_p=None):
     return logits
 
 
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """(B, V) next-token logits -> (tokens (B,), logprobs (B,)). Shared by both decoding paths, so they consume
-    the random generator identically. temperature=0 is greedy, and its log-probs are then at temperature 1."""
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None,
+                with_entropy=False):
+    """(B, V) next-token logits -> (tokens (B,), logprobs (B,)), + entropy (B,) if with_entropy.
+    Shared by both decoding paths, so they consume the random generator identically.
+    temperature=0 is greedy, and its log-probs and entropy are then at temperature 1."""
     logits = logits.float()
+    if temperature != 0:
+        logits = logits / temperature
+    # log p of the full tempered distribution, what PPO recomputes (truncation is a sampling choice)
+    logp_all = logits.log_softmax(-1)                                      # (B, V)
+    probs_all = logp_all.exp()                                             # (B, V)
     if temperature == 0:
         tokens = logits.argmax(-1)                                         # (B,)
     else:
-        logits = logits / temperature
-        probs = filter_logits(logits, top_k, top_p).softmax(-1)            # (B, V), zero outside the support
+        # top-k / top-p renormalise over their support (zero probability outside it)
+        probs = (probs_all if top_k is None and top_p is None
+                 else filter_logits(logits, top_k, top_p).softmax(-1))    # (B, V)
         tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)   # (B,)
-    # log p(token) of the full tempered distribution, what PPO recomputes (truncation is a sampling choice):
-    # logit - logsumexp(logits), without materialising the (B, V) log-softmax
-    return tokens, logits.gather(-1, tokens[:, None]).squeeze(-1) - logits.logsumexp(-1)
+    logprobs = logp_all.gather(-1, tokens[:, None]).squeeze(-1)            # (B,)
+    if not with_entropy:
+        return tokens, logprobs
+    return tokens, logprobs, -(probs_all * logp_all).sum(-1)              # H = -sum p log p
 
 
 def _check_inputs(model, prompts, max_new_tokens, temperature, top_k, top_p, stop_strings, tokenizer):
@@ -109,6 +119,7 @@ def _generate(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id,
     prompt_ids, prompt_mask = left_pad(prompts, pad_id)                    # (B, P) each, on the CPU
     ids[:, :P], mask[:, :P] = prompt_ids, prompt_mask
     logprobs = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
+    entropy = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
     eos = model.config.eos_token_id if eos_id is None else eos_id
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     eos = torch.tensor(eos, dtype=torch.long, device=device)               # (E,) ids that end a row
@@ -121,24 +132,22 @@ def _generate(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id,
 
     def next_logits(start, end):
         """Logits (B, V) of the token after column end-1. The cache needs only the new columns [start, end);
-        the naive path recomputes [0, end). Only the last position goes through lm_head."""
+        the naive path recomputes [0, end). Only the last position goes through lm_head (keep=1)."""
         if use_cache:
-            h = model.model(ids[:, start:end], mask[:, :end], cache=cache, start_pos=start)   # (B, end-start, D)
-        else:
-            h = model.model(ids[:, :end], mask[:, :end])                                       # (B, end, D)
-        return model.lm_head(h[:, -1])                                                         # (B, V)
+            return model(ids[:, start:end], mask[:, :end], cache=cache, start_pos=start, keep=1)[:, -1]
+        return model(ids[:, :end], mask[:, :end], keep=1)[:, -1]
 
     # 2. prefill: the whole prompt in one pass (fills cache positions [0, P))
     logits = next_logits(0, P)
     for t in range(max_new_tokens):
         col = P + t                                                        # column of the token sampled now
         # 3. sample every row (so both paths draw the same random numbers), then freeze the finished ones
-        tok, logp = sample_next(logits, temperature, top_k, top_p, generator)
+        tok, logp, ent = sample_next(logits, temperature, top_k, top_p, generator, with_entropy=True)
         tok = torch.where(alive, tok, pad_id)
         ids[:, col], mask[:, col] = tok, alive
-        logprobs[:, t] = logp * alive
+        logprobs[:, t], entropy[:, t] = logp * alive, ent * alive
         # 4. a row stops at its own EOS (kept, mask 1) ...
-        just_done = alive & torch.isin(tok, eos)
+        just_done = alive & torch.isin(tok, eos) if len(eos) else torch.zeros_like(alive)
         # ... or once the tail of its new tokens decodes to a text containing a stop string
         if stop_strings:
             for i, (tok_i, alive_i) in enumerate(zip(tok.tolist(), alive.tolist())):
@@ -156,7 +165,7 @@ def _generate(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id,
     n = t + 1                                                              # decoding steps run
     response_ids, response_mask = ids[:, P:P + n], mask[:, P:P + n]        # (B, n) the new columns
     tokens = [row[:k] for row, k in zip(response_ids.tolist(), response_mask.sum(-1).tolist())]
-    return Generation(tokens, response_ids, response_mask, logprobs[:, :n], ~alive)
+    return Generation(tokens, response_ids, response_mask, logprobs[:, :n], ~alive, entropy[:, :n])
 
 
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
