@@ -8,7 +8,7 @@ token, saved in Hugging Face's LlamaForSequenceClassification layout; the reward
 −[p log σ(Δ) + (1 − p) log σ(−Δ)]; `train_pm` (AdamW, 3 % warmup, cosine to 0, one epoch, 16 pairs
 a step, as the reference); evaluation: held-out accuracy, agreement with HH-RLHF's human labels
 (paper Table 5, `human_agreement`), the toy oracle's accuracy.
-Simplified: no FSDP; a global batch that does not fill up at an epoch's end is dropped; the held-out
+Simplified: a global batch that does not fill up at an epoch's end is dropped; the held-out
 split is the last eval_frac of the prefs file.
 Run: `python train.py --stage pm --method rlcd [--hh-eval FILE]` (or under `torchrun`); in code
 `train_pm(PMConfig(), base_dir, prefs_path, out_dir)`.
@@ -31,7 +31,8 @@ from nanorlcd.dialogue import reward_text
 from nanorlcd.model import (Transformer, init_weights, load_config, load_weights, read_config_json,
                             save_weights)
 from nanorlcd.optim import autocast, lr_at, micro_steps, optimizer_step, set_lr
-from nanorlcd.sft import resume_from, run_identity, save_checkpoint, stop_if_not_finite
+from nanorlcd.sft import (check_strategy, resume_from, run_identity, save_checkpoint,
+                          stop_if_not_finite)
 from nanorlcd.tokenizer import Tokenizer, left_pad
 
 
@@ -167,10 +168,12 @@ def read_prefs(path, skip_bad=False):
 # ------------------------------------------------------------------ evaluation
 
 @torch.no_grad()
-def _pair_stats(pm, tokenizer, pairs, max_len, batch_size):
+def _pair_stats(pm, tokenizer, pairs, max_len, batch_size, n_real=None):
     """Sums over pairs [n, correct, σ(Δ), loss, truncated] (float64), Δ = r_chosen − r_rejected.
     A pair is correct when the PM agrees with the label (chosen is better if label_prob >= 0.5).
-    A pair may give the rejected reply its own prompt (`rejected_prompt`; HH-RLHF lines)."""
+    A pair may give the rejected reply its own prompt (`rejected_prompt`; HH-RLHF lines).
+    n_real: only the first n_real pairs count; the rest pad this rank's share so that every rank
+    runs the same number of forwards (dist.shard_padded; an FSDP2 forward is collective)."""
     was_training, device = pm.training, next(pm.parameters()).device
     pm.eval()
     stats = torch.zeros(5, dtype=torch.float64)
@@ -179,10 +182,18 @@ def _pair_stats(pm, tokenizer, pairs, max_len, batch_size):
         # chosen and rejected in one forward: rows [0, n) chosen, [n, 2n) rejected
         prompts = ([b["prompt"] for b in batch]
                    + [b.get("rejected_prompt", b["prompt"]) for b in batch])
-        ids, mask, n_cut = reward_inputs(tokenizer, prompts, [b["chosen"] for b in batch]
-                                         + [b["rejected"] for b in batch], max_len)
+        replies = [b["chosen"] for b in batch] + [b["rejected"] for b in batch]
+        ids, mask, n_cut = reward_inputs(tokenizer, prompts, replies, max_len)
         r = pm(ids.to(device), mask.to(device)).cpu().double()             # (2n,)
         r_c, r_r = r[:len(batch)], r[len(batch):]
+        real = len(batch) if n_real is None else max(0, min(len(batch), n_real - i))
+        if real < len(batch):                  # padding pairs: forwarded, then left out
+            if real == 0:
+                continue
+            keep = list(range(real)) + list(range(len(batch), len(batch) + real))
+            n_cut = reward_inputs(tokenizer, [prompts[k] for k in keep],
+                                  [replies[k] for k in keep], max_len)[2]
+            batch, r_c, r_r = batch[:real], r_c[:real], r_r[:real]
         p = torch.tensor([1.0 if b.get("label_prob") is None else b["label_prob"] for b in batch],
                          dtype=torch.float64)                              # no label: chosen wins
         correct = ((r_c > r_r) == (p >= 0.5)).sum()
@@ -276,6 +287,8 @@ class PMConfig:
     skip_bad: bool = False       # skip (and count) malformed prefs lines instead of raising
     bf16: bool = False           # bf16 autocast on CUDA (weights and AdamW state stay fp32)
     seed: int = 0                # data order and head init; the same on every rank
+    strategy: str = "ddp"        # under torchrun: "ddp" replicas, "fsdp" / "hsdp" FSDP2 shards
+    activation_checkpointing: bool = False  # recompute each block in backward (less memory)
 
 
 def check_config(cfg, world):
@@ -286,6 +299,7 @@ def check_config(cfg, world):
     if rem or accum == 0:
         raise ValueError(f"PMConfig.batch_size={cfg.batch_size} must be a multiple of "
                          f"micro_batch_size ({micro_batch_size}) x world size ({world})")
+    check_strategy("PMConfig", cfg, world)
     if cfg.warmup_steps < 0 or not 0.0 <= cfg.warmup_ratio < 1.0:
         raise ValueError(f"PMConfig.warmup_steps={cfg.warmup_steps}, warmup_ratio="
                          f"{cfg.warmup_ratio}: expected warmup_steps >= 0, 0 <= warmup_ratio < 1")
@@ -311,16 +325,21 @@ def train_pm(cfg, base_dir, prefs_path, out_dir, log_path=None, resume=False):
     max_steps = steps_per_epoch * cfg.epochs
     cfg = replace(cfg, micro_batch_size=micro_batch_size,    # resolved, as logged and saved
                   warmup_steps=cfg.warmup_steps or math.ceil(cfg.warmup_ratio * max_steps))
-    # 2. model: the same seed on every rank gives the same fresh head (DDP broadcasts rank 0's too)
+    # 2. model, wrapped by cfg.strategy: a DDP replica per rank, or FSDP2 shards (only rank 0 reads
+    #    the files; the others receive their shards by broadcast). The same seed on every rank gives
+    #    the same fresh head (DDP broadcasts rank 0's too). The optimizer comes after the wrap: it
+    #    must hold FSDP2's DTensor shards, not the tensors they replaced
+    if resume and cfg.strategy != "ddp" and world > 1:
+        raise ValueError(f"train_pm: resume needs strategy='ddp' (got {cfg.strategy!r})")
     torch.manual_seed(cfg.seed)
-    pm = PreferenceModel.from_pretrained(out_dir if resume else base_dir, dtype=torch.float32,
-                                         device=device).train()
+    ddp_pm = dist.load_pretrained(PreferenceModel, out_dir if resume else base_dir, cfg.strategy,
+                                  activation_checkpointing=cfg.activation_checkpointing).train()
+    pm = dist.unwrap(ddp_pm)                # the module itself (under FSDP2, the sharded root)
     # texts never exceed the context the base was trained for (the header logs the resolved max_len)
     cfg = replace(cfg, max_len=min(cfg.max_len, pm.config.max_position_embeddings))
-    optimizer = torch.optim.AdamW(pm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(ddp_pm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     identity = run_identity(cfg, records)
     start = resume_from(out_dir, optimizer, identity) if resume else 0
-    ddp_pm = dist.wrap(pm)
     if dist.is_main():
         os.makedirs(out_dir, exist_ok=True)
     log = open(log_path or os.path.join(out_dir, "log.jsonl"), "a") if dist.is_main() else None
@@ -377,8 +396,9 @@ def train_pm(cfg, base_dir, prefs_path, out_dir, log_path=None, resume=False):
                   "pm/truncated": truncated, "pm/ms": 1000 * (time.time() - t_step)}
         last = step + 1 == max_steps
         if held and ((step + 1) % cfg.eval_every == 0 or last):
-            # held-out evaluation on every rank's shard, summed
-            stats = _pair_stats(pm, tokenizer, dist.shard(held), cfg.max_len, micro_batch_size * 2)
+            # held-out evaluation on every rank's shard, padded to equal forwards, summed
+            mine, n_real = dist.shard_padded(held)
+            stats = _pair_stats(pm, tokenizer, mine, cfg.max_len, micro_batch_size * 2, n_real)
             ev = _as_metrics(dist.all_reduce_sum(stats.to(device)).cpu())
             record.update({f"eval/{k}": ev[k] for k in ("acc", "mean_prob", "loss")})
             dist.print0(f"step {step + 1}: loss {record['pm/loss']:.4f} acc {record['pm/acc']:.3f} "
@@ -389,16 +409,19 @@ def train_pm(cfg, base_dir, prefs_path, out_dir, log_path=None, resume=False):
         bar.update(1)
         bar.set_postfix(loss=f"{record['pm/loss']:.3f}", acc=f"{record['pm/acc']:.2f}")
         summary.update(record)
-        # 5. checkpoints of the unwrapped module + tokenizer + resolved config, swapped in whole;
-        #    the periodic ones add the training state, the last one is the result
+        # 5. checkpoints + tokenizer + resolved config, swapped in whole; the periodic ones add the
+        #    training state, the last one is the result. `dist.gathered` is collective: a sharded PM
+        #    is all-gathered unit by unit into a plain CPU copy on rank 0 (None elsewhere)
         def write(tmp):
-            pm.save_pretrained(tmp, tokenizer=tokenizer)
+            plain.save_pretrained(tmp, tokenizer=tokenizer)
             with open(os.path.join(tmp, "pm_config.json"), "w") as f:
                 json.dump({**asdict(cfg), "step": step + 1}, f, indent=1)
 
+        periodic = cfg.save_every and (step + 1) % cfg.save_every == 0
+        plain = dist.gathered(pm) if last or periodic else None
         if last:
             save_checkpoint(out_dir, write)
-        elif cfg.save_every and (step + 1) % cfg.save_every == 0:
+        elif periodic:
             save_checkpoint(out_dir, write, optimizer, step + 1, resume_state=identity)
     bar.close()
     summary.update({"pm/seconds": time.time() - t0, "pm/skipped_lines": data_summary["bad"]})

@@ -52,6 +52,8 @@ class SFTConfig:
     log_every: int = 10             # JSONL line and printed line every this many steps
     bf16: bool = False              # bf16 autocast on CUDA (ignored on CPU, which trains in fp32)
     seed: int = 0                   # data-order seed (initial weights are the caller's)
+    strategy: str = "ddp"           # under torchrun: "ddp" replicas, "fsdp" / "hsdp" FSDP2 shards
+    activation_checkpointing: bool = False  # recompute each block in backward (less memory)
 
 
 def tokenize_example(tokenizer, prompt, response, seq_len, end_marker=False):
@@ -129,13 +131,16 @@ def weighted_loss(sums, counts, per_example):
 
 @torch.no_grad()
 def evaluate_loss(model, rows, cfg, device):
-    """Validation loss, weighted as in training, over all rows (sharded over ranks, summed back)."""
+    """Validation loss, weighted as in training, over all rows (sharded over ranks, summed back).
+    Every rank runs the same number of forwards (dist.shard_padded: an FSDP2 forward is collective);
+    the padding rows past this rank's n_real are computed and dropped."""
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)             # [numerator, weight]
-    mine = dist.shard(rows)
+    mine, n_real = dist.shard_padded(rows)
     for i in range(0, len(mine), cfg.micro_batch_size):
         sums, counts = row_losses(model, mine[i:i + cfg.micro_batch_size], device, cfg.bf16)
-        num, weight = weighted_loss(sums, counts, cfg.per_example_loss)
+        real = max(0, n_real - i)                                # real rows in this batch
+        num, weight = weighted_loss(sums[:real], counts[:real], cfg.per_example_loss)
         total += torch.stack([num.double(), weight.double().to(device)])
     model.train()
     dist.all_reduce_sum(total)
@@ -185,8 +190,19 @@ def resume_from(out_dir, optimizer, identity):
 def run_identity(cfg, data):
     """What a resumed run must share with the run it continues: the data and the settings."""
     digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
-    return {"data": digest, "config": {k: v for k, v in asdict(cfg).items()
-                                       if k not in ("save_every", "log_every", "eval_every")}}
+    # how a run is split over ranks or recomputed changes no number it trains to
+    skip = ("save_every", "log_every", "eval_every", "strategy", "activation_checkpointing")
+    return {"data": digest, "config": {k: v for k, v in asdict(cfg).items() if k not in skip}}
+
+
+def check_strategy(name, cfg, world):
+    """cfg.strategy is one of dist.STRATEGIES; sharded runs write no resumable checkpoints (the
+    optimizer state is split over ranks, and the training-state file holds one rank's tensors)."""
+    if cfg.strategy not in dist.STRATEGIES:
+        raise ValueError(f"{name}.strategy={cfg.strategy!r}: expected one of {dist.STRATEGIES}")
+    if cfg.strategy != "ddp" and world > 1 and cfg.save_every:
+        raise ValueError(f"{name}.save_every={cfg.save_every}: resumable checkpoints need "
+                         f"strategy='ddp' (got {cfg.strategy!r}); use save_every=0")
 
 
 def check_config(cfg, world):
@@ -198,6 +214,7 @@ def check_config(cfg, world):
                          f"micro_batch_size ({micro_batch_size}) x world size ({world})")
     if cfg.per_example_loss and cfg.packing:
         raise ValueError("SFTConfig.per_example_loss=True needs packing=False (one example a row)")
+    check_strategy("SFTConfig", cfg, world)
     if cfg.warmup_steps < 0 or not 0.0 <= cfg.warmup_ratio < 1.0:
         raise ValueError(f"SFTConfig.warmup_steps={cfg.warmup_steps}, warmup_ratio="
                          f"{cfg.warmup_ratio}: expected warmup_steps >= 0, 0 <= warmup_ratio < 1")
@@ -233,19 +250,24 @@ def train_lm(cfg, model, tokenizer, train_examples, val_examples, out_dir=None, 
             yield from epoch_rows(train_tok, cfg.seq_len, cfg.packing, cfg.seed + epoch)
             epoch += 1
 
-    # 2. optimizer: decay on matrices / embeddings (dim >= 2), none on RMSNorm weights; a resumed
-    #    run first loads its weights (the loader may replace the parameter tensors)
+    # 2. wrap (DDP replica, or FSDP2: `model` itself becomes the sharded root), then the optimizer
+    #    over the wrapped parameters (FSDP2 replaces them by DTensor shards: an optimizer built
+    #    before would never move the weights): decay on matrices / embeddings (dim >= 2), none on
+    #    RMSNorm weights. A resumed run first loads its weights (the loader may replace tensors).
     identity, start = run_identity(cfg, [train_examples, val_examples]), 0
     if resume:
+        if dist.is_sharded(model) or (cfg.strategy != "ddp" and world > 1):
+            raise ValueError(f"train_lm: resume needs strategy='ddp' (got {cfg.strategy!r})")
         dtype = next(model.parameters()).dtype
         checkpoint.load_weights(model, out_dir, dtype=dtype, device=device)
-    params = [p for p in model.parameters() if p.requires_grad]
+    ddp_model = model if dist.is_sharded(model) else dist.wrap(
+        model, cfg.strategy, activation_checkpointing=cfg.activation_checkpointing)
+    params = [p for p in ddp_model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     if resume:
         start = resume_from(out_dir, optimizer, identity)
-    ddp_model = dist.wrap(model)
     model.train()
     log = open(log_path, "a") if (log_path and dist.is_main()) else None
     if log:
@@ -300,17 +322,21 @@ def train_lm(cfg, model, tokenizer, train_examples, val_examples, out_dir=None, 
                           f"lr {lr:.2e} {record['train/ms']:.0f} ms")
         summary.update(record)
 
-        # 5. checkpoints of the unwrapped module (HF layout) + tokenizer + resolved config, swapped
-        #    in whole; the periodic ones add the training state, the last one is the result
+        # 5. checkpoints (HF layout) + tokenizer + resolved config, swapped in whole; the periodic
+        #    ones add the training state, the last one is the result. `dist.gathered` is collective:
+        #    a sharded model is all-gathered unit by unit into a plain CPU copy on rank 0 (None on
+        #    the others, which only wait)
         def write(tmp):
-            model.save_pretrained(tmp)
+            plain.save_pretrained(tmp)
             tokenizer.save(tmp)
             with open(os.path.join(tmp, "sft_config.json"), "w") as f:
                 json.dump({**asdict(cfg), "step": step + 1}, f, indent=1)
 
+        periodic = cfg.save_every and (step + 1) % cfg.save_every == 0
+        plain = dist.gathered(model) if out_dir and (last or periodic) else None
         if out_dir and last:
             save_checkpoint(out_dir, write)
-        elif out_dir and cfg.save_every and (step + 1) % cfg.save_every == 0:
+        elif out_dir and periodic:
             save_checkpoint(out_dir, write, optimizer, step + 1, resume_state=identity)
     bar.close()
     summary["train/seconds"] = time.time() - t0
