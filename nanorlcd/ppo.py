@@ -7,8 +7,11 @@ fixed or adaptive β. This file holds the equations first, then the update and t
 collects the experience. Models: the policy (trainable), the reference (frozen initial policy), the
 PM (frozen) and the value model (a trainable copy of the PM). Pads are masked everywhere, and N
 processes give the gradient of one process on the whole minibatch.
-Simplified: no resumable optimizer state, no FSDP (each rank holds all four models); differences
-from the reference are listed in the README's deviations table.
+Sharding (PPOConfig.strategy): "ddp" replicates the models on every rank; "fsdp" / "hsdp" shard all
+four with FSDP2, as the reference sharded them on 8 GPUs (train_ppo shows where each is sharded,
+unsharded for the rollout and gathered for saving).
+Simplified: no resumable optimizer state; differences from the reference are listed in the
+README's deviations table.
 Run: `python train.py --stage ppo --method rlcd`, or `train_ppo(PPOConfig(), policy, None, pm, None,
 tokenizer, prompts, out_dir)` (ref and value default to copies of the policy and the PM).
 """
@@ -27,10 +30,10 @@ from nanorlcd.optim import autocast, lr_at, micro_steps, optimizer_step, set_lr
 from nanorlcd.rollout import (ActorCritic, Rollout, collect_rollouts, make_value_model, print_table,
                               response_logits, response_logprobs, response_values)
 
-__all__ = ["ActorCritic", "Diverged", "PPOConfig", "Rollout", "compute_advantages",
-           "compute_rewards", "gae", "make_value_model", "masked_mean", "next_kl_coef",
-           "policy_loss", "ppo_update", "response_logits", "response_logprobs", "response_values",
-           "train_ppo", "value_loss", "whiten"]
+__all__ = ["ActorCritic", "Diverged", "PPOConfig", "Rollout", "build_models",
+           "compute_advantages", "compute_rewards", "gae", "gathered_parts", "make_value_model",
+           "masked_mean", "next_kl_coef", "policy_loss", "ppo_update", "response_logits",
+           "response_logprobs", "response_values", "train_ppo", "value_loss", "whiten"]
 
 
 # ---------------------------------------------------------------------- the equations, in order
@@ -211,6 +214,9 @@ class PPOConfig:
     # value head starts as the PM head (True) or zero (False, AlpacaFarm)
     keep_pm_head: bool = False
     seed: int = 0                    # prompt order and per-rank sampling seeds
+    # under torchrun: "ddp" (replicas) or "fsdp" / "hsdp" (FSDP2 shards of all four models)
+    strategy: str = "ddp"
+    activation_checkpointing: bool = False  # recompute each block in backward (less memory)
     save_every: int = 20             # checkpoint every this many steps (0 = only at the end)
     # print a prompt/reply/score/KL table every this many steps (0 = off)
     table_every: int = 10
@@ -228,6 +234,9 @@ def check_config(cfg, world):
         raise ValueError(f"PPOConfig: expected rollout_batch_size ({cfg.rollout_batch_size}) "
                          f"divisible by minibatch_size ({cfg.minibatch_size}), itself divisible by "
                          f"world size ({world}) x micro_batch_size ({micro})")
+    if cfg.strategy not in dist.STRATEGIES:
+        raise ValueError(f"PPOConfig.strategy={cfg.strategy!r}: expected one of "
+                         f"{dist.STRATEGIES}")
     if cfg.steps < 1:
         raise ValueError(f"PPOConfig.steps: got {cfg.steps}, expected >= 1")
     if cfg.warmup_steps < 0:
@@ -276,10 +285,14 @@ def check_stats(step, stats, cfg):
 
 
 def check_finite_weights(step, module):
-    """Stop before a non-finite policy or value could be sampled from or saved."""
-    for name, p in module.named_parameters():
-        if not torch.isfinite(p).all():
-            raise Diverged(f"ppo: step {step}: weight {name} is non-finite (nothing saved)")
+    """Stop before a non-finite policy or value could be sampled from or saved. Under FSDP2 each
+    rank checks its own shards and the count is summed, so all ranks stop together."""
+    bad = [name for name, p in module.named_parameters()
+           if not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()]
+    device = next(module.parameters()).device
+    if dist.all_reduce_sum(torch.tensor(float(len(bad)), device=device)).item():
+        where = f"weight {bad[0]}" if bad else "a weight shard of another rank"
+        raise Diverged(f"ppo: step {step}: {where} is non-finite (nothing saved)")
 
 
 # ----------------------------------------------------------------------------- one PPO step
@@ -373,22 +386,80 @@ def rollout_stats(rollout, kl_coef):
     return {k: float(v) for k, v in stats.items()}
 
 
+def gathered_parts(ac):
+    """(policy, value) as plain modules on rank 0 ((None, None) elsewhere). A sharded ActorCritic
+    (one FSDP2 root over both) is all-gathered unit by unit into CPU tensors on rank 0
+    (dist.full_state_dict, collective), then split into a plain LLaMA and PreferenceModel;
+    otherwise the modules themselves."""
+    if not dist.is_sharded(ac):
+        return (ac.policy, ac.value) if dist.is_main() else (None, None)
+    state = dist.full_state_dict(ac)                     # {"policy.…", "value.…": CPU tensor}
+    if not dist.is_main():
+        return None, None
+    parts = []
+    for name in ("policy", "value"):
+        sub = getattr(ac, name)
+        with torch.device("meta"):
+            plain = type(sub)(sub.config)
+        own = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
+        plain.load_state_dict(own, strict=False, assign=True)    # a tied lm_head may be absent
+        if getattr(plain.config, "tie_word_embeddings", False) and hasattr(plain, "lm_head"):
+            plain.lm_head.weight = plain.model.embed_tokens.weight
+        missing = [n for n, p in plain.named_parameters() if p.is_meta]
+        if missing:
+            raise ValueError(f"ppo: {name} tensor '{missing[0]}' missing from the gathered state")
+        parts.append(plain)
+    return tuple(parts)
+
+
 def save_checkpoint(path, ac, tokenizer, cfg):
     """Rank 0 writes path/policy/ (HF LLaMA + tokenizer.model), path/value/ (PM layout) and
     ppo_config.json into a fresh directory that replaces `path` as a whole (checkpoint.atomic_dir):
-    a killed save leaves the previous set. The log and the periodic step-XXXXX/ saves are kept."""
+    a killed save leaves the previous set. The log and the periodic step-XXXXX/ saves are kept.
+    Collective: every rank calls it (a sharded actor-critic is gathered to rank 0 first)."""
+    policy, value = gathered_parts(ac)
     if dist.is_main():
         keep = lambda name: name == "log.jsonl" or name.startswith("step-")       # noqa: E731
         with checkpoint.atomic_dir(path, keep=keep) as tmp:
-            ac.policy.save_pretrained(os.path.join(tmp, "policy"))
+            policy.save_pretrained(os.path.join(tmp, "policy"))
             tokenizer.save(os.path.join(tmp, "policy"))
-            ac.value.save_pretrained(os.path.join(tmp, "value"), tokenizer=tokenizer)
+            value.save_pretrained(os.path.join(tmp, "value"), tokenizer=tokenizer)
             with open(os.path.join(tmp, "ppo_config.json"), "w") as f:
                 json.dump(asdict(cfg), f, indent=1)
     dist.barrier()
 
 
 # ----------------------------------------------------------------------------- the training loop
+
+def build_models(cfg, policy, ref, pm, value):
+    """The four PPO models, wrapped by cfg.strategy, and the optimizer -> (ac, ac_ddp, ref, pm,
+    optimizer): ac the ActorCritic (under FSDP2 itself the sharded root), ac_ddp what trains (the
+    DDP wrapper under "ddp", else ac). ref=None: a copy of the policy; value=None:
+    make_value_model(pm, cfg.keep_pm_head)."""
+    if dist.is_sharded(policy) or (value is not None and dist.is_sharded(value)):
+        raise ValueError("train_ppo: pass policy and value unsharded (train_ppo shards them "
+                         "together as one ActorCritic); ref and pm may come sharded")
+    device = next(policy.parameters()).device
+    # 1. copies first: the reference (the initial policy) and the value model (the PM plus a fresh
+    #    head) are deep copies, and a sharded model cannot be copied
+    ref = copy.deepcopy(policy) if ref is None else ref
+    value = make_value_model(pm, cfg.keep_pm_head) if value is None else value
+    for frozen in (ref, pm):
+        if not dist.is_sharded(frozen):
+            frozen.to(device).eval().requires_grad_(False)
+    ac = ActorCritic(policy, value.to(device)).train()
+    # 2. sharding (cfg.strategy): the trained policy + value as ONE root (one optimizer, one grad
+    #    clip, one DDP / FSDP2 unit), and under FSDP2 the frozen reference and PM too: each holds
+    #    1/world of its weights (at 7B, replicas of the two frozen models would not fit 80 GB).
+    #    Under "ddp" the frozen models stay plain replicas (wrap returns them as they are).
+    ac_ddp = dist.wrap(ac, cfg.strategy, activation_checkpointing=cfg.activation_checkpointing)
+    ref, pm = (m if dist.is_sharded(m) else dist.wrap(m, cfg.strategy) for m in (ref, pm))
+    # 3. one AdamW over policy + value, built AFTER the wrap (it must hold FSDP2's DTensor shards)
+    params = [p for p in ac_ddp.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, eps=cfg.adam_eps,
+                                  weight_decay=cfg.weight_decay)
+    return ac, ac_ddp, ref, pm, optimizer
+
 
 def train_ppo(cfg, policy, ref, pm, value, tokenizer, prompts, out_dir, log_path=None):
     """Optimise `policy` (a LLaMA on this rank's device) against `pm` with PPO on the prompt texts.
@@ -399,23 +470,13 @@ def train_ppo(cfg, policy, ref, pm, value, tokenizer, prompts, out_dir, log_path
     rank, world, _ = dist.init()
     cfg = check_config(cfg, world)
     device = next(policy.parameters()).device
-    ref = copy.deepcopy(policy) if ref is None else ref
-    value = make_value_model(pm, cfg.keep_pm_head) if value is None else value
-    for frozen in (ref, pm):
-        frozen.to(device).eval().requires_grad_(False)
-    ac = ActorCritic(policy, value.to(device)).train()
+    ac, ac_ddp, ref, pm, optimizer = build_models(cfg, policy, ref, pm, value)
     # tokenize once; drop prompts that leave no room for a reply (the reference's query_len filter)
     limit = min(cfg.max_prompt_len, policy.config.max_position_embeddings - cfg.max_new_tokens)
     kept = [(p, ids) for p in prompts if len(ids := tokenizer.encode(p, bos=True)) <= limit]
     if not kept:
         raise ValueError(f"prompts: none of {len(prompts)} prompts fits in "
                          f"max_prompt_len={limit} tokens")
-    # one AdamW over policy + value; DDP wraps the trained pair only (ref and PM are frozen
-    # replicas)
-    params = [p for p in ac.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, eps=cfg.adam_eps,
-                                  weight_decay=cfg.weight_decay)
-    ac_ddp = dist.wrap(ac)
     # same order on every rank
     order_gen = torch.Generator().manual_seed(cfg.seed)
     # per-rank sampling
@@ -440,8 +501,12 @@ def train_ppo(cfg, policy, ref, pm, value, tokenizer, prompts, out_dir, log_path
         while len(order) < cfg.rollout_batch_size:
             order += torch.randperm(len(kept), generator=order_gen).tolist()
         batch, order = dist.shard(order[:cfg.rollout_batch_size]), order[cfg.rollout_batch_size:]
-        # 1. collect: sample, score, recompute log π_old, log π_ref, V_old (rollout.py)
-        with autocast(device, cfg.bf16):
+        # 1. collect: sample, score, recompute log π_old, log π_ref, V_old (rollout.py). The
+        #    actor-critic is unsharded (all-gathered once) for the whole rollout, so decoding runs
+        #    no per-token collective and ranks may stop at different lengths; resharded on exit. The
+        #    frozen ref and PM stay sharded: called at their roots, the same number of forwards on
+        #    every rank (equal per-rank prompt counts and chunks)
+        with dist.unsharded(ac_ddp), autocast(device, cfg.bf16):
             rollout = collect_rollouts(ac, ref, pm, tokenizer, [kept[i][0] for i in batch],
                                        [kept[i][1] for i in batch], cfg, sample_gen)
         check_finite_rollout(step + 1, rollout)
