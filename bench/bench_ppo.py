@@ -56,8 +56,10 @@ class NoEOS:
 
 
 def train_tokenizer(vocab_size):
-    """A sentencepiece BPE tokenizer.model of `vocab_size` pieces on a small HH-style corpus, written
-    to a temporary directory (the PM re-tokenises prompt + reply text, as in training)."""
+    """A sentencepiece BPE tokenizer.model of `vocab_size` pieces on a small HH-style corpus,
+    written to a temporary directory. The PM re-tokenises prompt + reply text, as in training;
+    without byte-fallback pieces every random id decodes to text that re-encodes to about as many
+    tokens, so the PM reads ~55 tokens where TRL's reward model reads the 48 sampled ids."""
     import os
     import tempfile
 
@@ -70,7 +72,7 @@ def train_tokenizer(vocab_size):
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
-        model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True,
+        model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=False,
         character_coverage=1.0, normalization_rule_name="identity", remove_extra_whitespaces=False,
         num_threads=1, minloglevel=2)
     directory = tempfile.mkdtemp()
@@ -226,7 +228,8 @@ def main():
                 old = best[name].get(part, (float("inf"), float("inf")))
                 best[name][part] = (min(old[0], wall), min(old[1], cpu))
             print(f"round {r} {name:22s} " + "  ".join(
-                f"{part} {wall:6.2f} s wall {cpu:6.2f} s cpu" for part, (wall, cpu) in times.items())
+                f"{part} {wall:6.2f} s wall {cpu:6.2f} s cpu"
+                for part, (wall, cpu) in times.items())
                 + (f"  (approx_kl {stats['policy/approx_kl']:.2e}, "
                    f"logprob_gap {stats['rollout/logprob_gap']:.1e})" if stats else ""))
     for name, parts in best.items():

@@ -5,8 +5,10 @@ all rows share, and the model outputs on real tokens are the same trimmed or not
 - The off-by-one: response log-probs, entropies and values equal a per-row loop over unpadded
 sequences.
 - `collect_rollouts`: the sampler's log-probs equal a fresh forward; scores are the PM on the cut
-reply (or the penalty); with a copied reference the KL is 0. Tiny random models on CPU (a few
-seconds).
+reply (or the penalty); with a copied reference the KL is 0; with recompute_logprobs=False the
+sampler's log-probs and entropies are kept except on the one recomputed micro-batch.
+- `ActorCritic(entropy_grad=False)` gives the same outputs with the entropy outside autograd.
+Tiny random models on CPU (a few seconds).
 Run: `python -m pytest tests/test_rollout.py -q` """
 import copy
 from dataclasses import replace
@@ -188,3 +190,40 @@ def test_collect_logprobs_equal_fresh_forward_and_scores(tiny):
                                   rollout.response_mask.sum(-1).tolist()):
         assert "Human:" not in reply and reply in tok.decode(row[:length])
     assert rollout.prompts == PROMPTS and rollout.rewards is None
+    assert rollout.recomputed.all()
+
+
+def test_sampler_logprobs_reused_and_one_micro_batch_checked(tiny):
+    """recompute_logprobs=False: log π_old and entropies come from the sampler, except the first
+    micro-batch, recomputed by a fresh forward; everything else equals the recomputing rollout."""
+    tok, policy, pm = tiny
+    cfg = replace(PPOConfig(), micro_batch_size=3, gen_batch_size=5, max_new_tokens=12)
+    ac, ref = ActorCritic(policy, make_value_model(pm, keep_pm_head=True)), copy.deepcopy(policy)
+    ids = [tok.encode(p, bos=True) for p in PROMPTS]
+    full, reused = (collect_rollouts(ac, ref, pm, tok, PROMPTS, ids, cfg,
+                                     torch.Generator().manual_seed(0), recompute_logprobs=flag)
+                    for flag in (True, False))
+    real = full.response_mask.bool()
+    assert torch.equal(full.response_ids, reused.response_ids)
+    for name in ("ref_logprobs", "values", "pm_scores", "scores", "gen_logprobs"):
+        assert torch.equal(getattr(full, name), getattr(reused, name)), name
+    assert reused.recomputed.tolist() == [True] * 3 + [False] * 5
+    # checked rows: the fresh forward's values; the others: the sampler's, bit for bit
+    for name in ("logprobs", "entropy"):
+        assert torch.equal(getattr(reused, name)[:3], getattr(full, name)[:3]), name
+    assert torch.equal(reused.logprobs[3:], reused.gen_logprobs[3:])
+    # and the sampler's log-probs and entropies agree with the fresh forward up to rounding
+    torch.testing.assert_close(reused.logprobs[real], full.logprobs[real], rtol=0, atol=1e-5)
+    torch.testing.assert_close(reused.entropy[real], full.entropy[real], rtol=0, atol=1e-4)
+
+
+def test_entropy_outside_autograd_changes_no_output(tiny):
+    tok, policy, pm = tiny
+    value = make_value_model(pm, keep_pm_head=True)
+    inputs = random_batch(tok, (3, 5), (4, 2))[2:]
+    with_grad = ActorCritic(policy, value)(*inputs, 0.8)
+    without = ActorCritic(policy, value, entropy_grad=False)(*inputs, 0.8)
+    assert with_grad[1].requires_grad and not without[1].requires_grad
+    assert without[0].requires_grad and without[2].requires_grad     # log-probs and values train
+    for a, b in zip(with_grad, without):
+        assert torch.equal(a, b)

@@ -2,7 +2,8 @@
 
 - cached decoding == the no-cache loop (tokens and log-probs), greedy and seeded sampling, ragged batch;
 - greedy decoding == a plain one-row loop over `model(ids)` (so left padding and batch mates change nothing);
-- log-probs == one full forward over prompt + response at logits / T (what ppo.py recomputes);
+- log-probs and entropies == one full forward over prompt + response at logits / T (what ppo.py
+  recomputes);
 - EOS and stop strings end each row on its own; pads and masks after the end;
 - top-k / top-p keep exactly the intended support (hand distribution);
 - seeding, bad inputs, `chat` and the command line.
@@ -119,6 +120,9 @@ def test_logprobs_equal_full_forward_recompute(model, kwargs):
         logits = model(ids, mask)[:, P - 1:-1] / T                          # (B, T_new, V): position t predicts t+1
     logp = logits.log_softmax(-1).gather(-1, out.response_ids[..., None]).squeeze(-1) * out.response_mask
     torch.testing.assert_close(out.logprobs, logp, atol=1e-5, rtol=0)
+    # the entropies, what PPO logs when it reuses the sampler's log-probs: -sum p log p, 0 on pads
+    p_log_p = logits.softmax(-1) * logits.log_softmax(-1)                  # (B, T_new, V)
+    torch.testing.assert_close(out.entropy, -p_log_p.sum(-1) * out.response_mask, atol=1e-4, rtol=0)
 
 
 def test_eos_stops_each_row_and_pads_after(model):
@@ -199,6 +203,10 @@ def test_sample_next_draws_only_from_the_support():
     torch.testing.assert_close(logp, probs.log()[tokens])
     tokens, logp = sample_next(logits[:2], 0.5, generator=g)
     torch.testing.assert_close(logp, (logits[:2] / 0.5).log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1))
+    # the entropy of the tempered distribution, by hand: softmax(2 log probs) = probs^2 / sum probs^2
+    _, _, entropy = sample_next(logits[:2], 0.5, generator=g, with_entropy=True)
+    tempered = probs ** 2 / (probs ** 2).sum()
+    torch.testing.assert_close(entropy, -(tempered * tempered.log()).sum().expand(2))
 
 
 def test_seeded_sampling_is_reproducible(model):
