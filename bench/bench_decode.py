@@ -3,13 +3,14 @@ and, when installed, Hugging Face transformers `generate`.
 
 What: at batch 1 and batch 8, greedy decoding of --new-tokens tokens after 32-token prompts (EOS
 off, so every row gets them all) on two random-weight LLaMAs: "58.5M" (bench/bench_sample.py's
-model: vocab 32000, width 512, 8 layers) and "smollm2-135m" (SmolLM2-135M's shape: 30 layers,
-width 576, 9 query / 3 key-value heads, MLP 1536, vocab 49152, tied embeddings). A decoding step at batch B
-must read every weight once (the embedding table only through the LM head when tied) plus each
+model: vocab 32000, width 512, 8 layers) and "smollm2-135m" (SmolLM2-135M's shape: 30 layers, width
+576, 9 query / 3 key-value heads, MLP 1536, vocab 49152, tied embeddings). A decoding step at batch
+B must read every weight once (the embedding table only through the LM head when tied) plus each
 row's cached keys and values, so tokens/s can be at most B x copy bandwidth / bytes read per step;
 we measure the bandwidth with a large tensor copy (read + write) and print the fraction of that
-limit reached. Timings are the best of --repeats rounds with the methods alternating; process CPU
-time is printed too (with --threads 1 it barely depends on other load on the machine).
+limit reached (in wall and in CPU time). Timings are the best of --repeats rounds with the methods
+alternating; process CPU time is printed too (with --threads 1 it barely depends on other load on
+the machine).
 Run (repo root): `python -m bench.bench_decode [--threads N] [--repeats 3] [--new-tokens 64]
 [--models 58.5M,smollm2-135m]`
 """
@@ -33,16 +34,12 @@ PROMPT_LEN = 32
 
 
 def copy_bandwidth(n_bytes=256 * 2**20, repeats=5):
-    """Bytes per second moved by the best of `repeats` copies of an n_bytes fp32 tensor (each copy
-    reads n_bytes and writes n_bytes)."""
+    """Bytes per second (wall, process CPU) moved by the best of `repeats` copies of an n_bytes fp32
+    tensor (each copy reads n_bytes and writes n_bytes)."""
     src = torch.randn(n_bytes // 4)
     dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n_bytes / best
+    best = best_times({"copy": lambda: dst.copy_(src)}, repeats)["copy"]
+    return tuple(2 * n_bytes / t for t in best)
 
 
 def bytes_per_step(model, batch, context):
@@ -90,9 +87,9 @@ def main():
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated names")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    bandwidth = copy_bandwidth()
+    bandwidth, cpu_bandwidth = copy_bandwidth()
     print(f"torch {torch.__version__}, {args.threads} threads, fp32, copy bandwidth "
-          f"{bandwidth / 1e9:.1f} GB/s")
+          f"{bandwidth / 1e9:.1f} GB/s wall, {cpu_bandwidth / 1e9:.1f} GB/s per CPU second")
     for name in args.models.split(","):
         torch.manual_seed(0)
         model = LLaMA(MODELS[name]).eval()
@@ -112,15 +109,17 @@ def main():
                 best = best_times(fns, args.repeats)
             # average context over the decoding steps: prompt + half the new tokens
             step_bytes = bytes_per_step(model, batch, PROMPT_LEN + args.new_tokens / 2)
-            limit = batch * bandwidth / step_bytes                 # tokens/s at full bandwidth
+            # tokens/s at full bandwidth, per wall second and per CPU second
+            limit, cpu_limit = (batch * bw / step_bytes for bw in (bandwidth, cpu_bandwidth))
             n_tokens = batch * args.new_tokens
             for method, (wall, cpu) in best.items():
                 ratio = "" if method == "nanorlcd" else (
                     f", nanorlcd {wall / best['nanorlcd'][0]:.2f}x faster (cpu "
                     f"{cpu / best['nanorlcd'][1]:.2f}x)")
                 print(f"  batch {batch} {method:12s} {n_tokens / wall:8.1f} tok/s wall "
-                      f"({100 * n_tokens / wall / limit:5.1f} % of the {limit:.0f} tok/s "
-                      f"bandwidth limit), {n_tokens / cpu:8.1f} tok/s cpu{ratio}")
+                      f"({100 * n_tokens / wall / limit:3.0f} % of the {limit:.0f} tok/s "
+                      f"bandwidth limit), {n_tokens / cpu:8.1f} tok/s cpu "
+                      f"({100 * n_tokens / cpu / cpu_limit:3.0f} % of {cpu_limit:.0f}){ratio}")
 
 
 if __name__ == "__main__":
