@@ -3,10 +3,11 @@ log-probs.
 
 What: `collect_rollouts` samples one reply per prompt from the policy at the PPO temperature (no
 top-k or top-p: truncation would bias the probability ratio and the KL estimate), cuts each reply at
-the next human turn, scores prompt + reply with the frozen preference model, and recomputes with one
-fresh forward over the exact sampled tokens the policy's log-probs and entropies, the value model's
-values and the reference's log-probs. The result is a `Rollout`; ppo.py turns it into rewards and
-advantages and optimises on it.
+the next human turn, scores prompt + reply with the frozen preference model, and runs no-grad
+forwards over the exact sampled tokens for the value model's values, the reference's log-probs
+and (by default) the policy's log-probs and entropies; recompute_logprobs=False keeps the
+sampler's instead, saving one policy forward. The result is a `Rollout`; ppo.py turns it into
+rewards and advantages and optimises on it.
 The off-by-one: a rollout is a query (N, P), left-padded, then a response (N, R), right-padded. The
 hidden state at column P - 1 + t produces the logits of response token t, so log-probs, entropies
 AND values of token t are read there: V_t is the value of the state *before* token t (AlpacaFarm

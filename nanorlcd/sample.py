@@ -6,7 +6,8 @@ step feeds only the newest token at `start_pos` (Meta's llama `generation.py` se
 temperature / top-k / top-p. Rows stop at their own EOS or stop string. `generate_naive` runs the same loop but
 recomputes the whole sequence every step (nanoGPT's `generate`): the reference the cache must match. Per token
 we return log p under softmax(logits / T) *before* truncation: the quantity PPO's ratio uses (Huang et al.,
-"The N implementation details of RLHF with PPO"). `chat` is the HH-RLHF helper: a dialogue ending in
+"The N implementation details of RLHF with PPO"), and that distribution's entropy (so PPO
+may skip a recompute). `chat` is the HH-RLHF helper: a dialogue ending in
 "\n\nAssistant:" in, the reply cut at the next human turn out (nanorlcd.dialogue), as the RLCD reference does.
 Simplified: no speculative decoding, no paged cache (finished rows keep their slot), no beam search.
 Run: `python -m nanorlcd.sample --model out/toy/base --prompt "How do I bake bread?" --seed 0`
