@@ -39,6 +39,7 @@ from nanorlcd.rollout import response_logits, response_logprobs
 from nanorlcd.sample import filter_logits, generate
 from nanorlcd.sft import SFTConfig, check_config as check_sft_config, train_lm
 from nanorlcd.tokenizer import Tokenizer, left_pad
+from nanorlcd.toy import ToyConfig
 
 STAGES = ("pretrain", "simulate", "pm", "sft", "ppo", "sample", "eval", "all")
 
@@ -47,7 +48,8 @@ STAGES = ("pretrain", "simulate", "pm", "sft", "ppo", "sample", "eval", "all")
 class Preset:
     run: str                           # run directory name under --out (out/<run>/)
     base: str = None                   # base LLaMA HF dir; None = the toy world's out/<run>/base (pretrain)
-    toy: str = None                    # toy.PRESETS key for --stage pretrain; None = a real-LLaMA preset
+    toy: ToyConfig = None              # the toy world (--stage pretrain builds its base); None = real LLaMA
+    pretrain: SFTConfig = None         # the toy base model's pretraining schedule (toy presets only)
     prompts: str = "toy:train"         # simulation and PPO prompts: "toy:<split>" or a file (load_prompts)
     eval_prompts: str = "toy:test"     # held-out prompts for --stage sample (and the PM's oracle pairs)
     eval_offset: int = 0               # skip this many eval prompts first (paper: 1000 dev, then 1000 test)
@@ -69,15 +71,26 @@ class Preset:
 # The toy world (CPU, ~1 M parameter LLaMA, replies <= ~30 tokens): small batches, the paper's 2 PPO epochs,
 # a larger lr and beta than at 7B (README, "Quick start", has the measured results of these settings).
 TOY = Preset(
-    run="toy", toy="toy",
+    # affixes obeyed 90 % of the time in the corpus (RLCD labels right ~81 %, wrong ~1 %, ties else),
+    # little judging skill; `--toy.p_follow=0.75` is closer to the paper's 7B setting but needs a
+    # longer pretraining for the tiny base to learn such weak affixes (README, "Toy world v2")
+    run="toy", toy=ToyConfig(p_follow=0.9, p_judge_doc=0.05),
+    # 450 steps x 16 rows x 192 tokens: copying the request's topic into the reply appears around
+    # step 200-300, and only then do the replies become valid
+    pretrain=SFTConfig(max_steps=450, batch_size=16, micro_batch_size=0, seq_len=192, lr=6e-3,
+                       warmup_steps=20, eval_every=75),
     rlcd=RLCDConfig(batch_size=64, max_new_tokens=64),
     pm=PMConfig(batch_size=32, micro_batch_size=0, lr=1e-3, max_len=256, eval_every=20),
     sft=SFTConfig(epochs=3, batch_size=32, micro_batch_size=0, lr=1e-3, warmup_steps=5),
     ppo=replace(PPOConfig(), steps=16, rollout_batch_size=64, minibatch_size=32, micro_batch_size=0,
                 gen_batch_size=64, max_new_tokens=48, kl_coef=0.2, lr=1e-4, save_every=0,
                 table_every=4))
-# The same world shrunk for tests: a smaller base, fewer prompts and steps.
-FAST = replace(TOY, run="toy-fast", toy="fast", n_eval=100, prompts="toy:validation",
+# The same world shrunk for tests: affixes always obeyed and no judge documents, so that 250 steps
+# teach the base model to follow affixes (the tests check the pipeline, not the noise).
+FAST = replace(TOY, run="toy-fast", toy=replace(TOY.toy, n_train_docs=10000, n_val_docs=100,
+                                                 n_eval_prompts=100, p_follow=1.0, p_judge_doc=0.0),
+               pretrain=replace(TOY.pretrain, max_steps=250, eval_every=125),
+               n_eval=100, prompts="toy:validation",
                rlcd=replace(TOY.rlcd, batch_size=50), pm=replace(TOY.pm, eval_every=5),
                sft=replace(TOY.sft, epochs=1, warmup_steps=2),
                ppo=replace(TOY.ppo, steps=6, rollout_batch_size=32, minibatch_size=16, table_every=0,
@@ -107,7 +120,8 @@ LLAMA7B_OUTLINE = replace(LLAMA7B_HARMLESS, run="llama7b-outline", task="outline
                           rlcd=replace(LLAMA7B_HARMLESS.rlcd, task="outline"))
 PRESETS = {"toy": TOY, "fast": FAST, "llama7b-harmless": LLAMA7B_HARMLESS,
            "llama7b-helpful": LLAMA7B_HELPFUL, "llama7b-outline": LLAMA7B_OUTLINE}
-SECTIONS = ("rlcd", "pm", "sft", "ppo")      # the stage configs inside a Preset, reachable as --<section>.x
+# the configs inside a Preset, reachable as --<section>.<field>
+SECTIONS = ("toy", "pretrain", "rlcd", "pm", "sft", "ppo")
 
 
 def check_batches(preset, world):
@@ -142,18 +156,24 @@ def apply_overrides(preset, overrides):
     wrong type is a one-line error naming it."""
     hints = {"": typing.get_type_hints(Preset)}
     for section in SECTIONS:
-        hints[section] = typing.get_type_hints(type(getattr(preset, section)))
+        if getattr(preset, section) is not None:
+            hints[section] = typing.get_type_hints(type(getattr(preset, section)))
     for name, text in overrides:
         section, _, key = name.rpartition(".")
         key = key.replace("-", "_")
+        if section in SECTIONS and section not in hints:
+            raise SystemExit(f"error: --{name}: this preset has no {section} section (toy presets only)")
         if section not in hints or key not in hints[section] or key in SECTIONS:
             known = ", ".join(f"--{s}.<field>" for s in SECTIONS)
             raise SystemExit(f"error: --{name}: no such setting (expected {known} or a Preset field)")
         value = _parse_value(text, hints[section][key], name)
-        if section:
-            preset = replace(preset, **{section: replace(getattr(preset, section), **{key: value})})
-        else:
-            preset = replace(preset, **{key: value})
+        try:                                 # a config's own checks (e.g. a probability in [0, 1])
+            if section:
+                preset = replace(preset, **{section: replace(getattr(preset, section), **{key: value})})
+            else:
+                preset = replace(preset, **{key: value})
+        except ValueError as e:
+            raise SystemExit(f"error: --{name}={text}: {e}") from None
     return preset
 
 
@@ -223,10 +243,41 @@ def built_aside(out):
 # ----------------------------------------------------------------------------- stages
 
 def stage_pretrain(run):
+    """Toy world only: the corpus (every rank builds the same one from the seed), a sentencepiece
+    tokenizer trained on it, and a tiny LLaMA pretrained on it with the SFT trainer (loss on every
+    token), saved as a normal HF directory; then how often it obeys affixes on held-out prompts."""
     if run.p.toy is None:
-        raise SystemExit(f"error: --stage pretrain builds the toy world's base model; preset {run.args.preset} "
-                         "starts from a real LLaMA given with --base")
-    summary = toy.pretrain_toy(run.base, preset=run.p.toy, overwrite=run.args.overwrite)
+        raise SystemExit(f"error: --stage pretrain builds the toy world's base model; preset "
+                         f"{run.args.preset} starts from a real LLaMA given with --base")
+    cfg, t0, cpu0 = run.p.toy, time.time(), time.process_time()
+    out = run.fresh(run.base)
+    train_docs = toy.generate_corpus(cfg.n_train_docs, cfg.seed, cfg)
+    val_docs = toy.generate_corpus(cfg.n_val_docs, cfg.seed + 1, cfg)
+    with built_aside(out) as tmp:
+        # 1. tokenizer: rank 0 trains it into the new directory, the others wait and read it
+        if dist.is_main():
+            toy.train_tokenizer(tmp, train_docs, cfg.vocab_size)
+        tmp = dist.broadcast_str(tmp)
+        tok = Tokenizer(os.path.join(tmp, "tokenizer.model"))
+        # 2. a fresh tiny LLaMA, identical on every rank; 3. pretraining = an empty prompt and the
+        # whole document as the "response"
+        torch.manual_seed(cfg.seed)
+        model = LLaMA(toy.base_config(cfg, tok)).to(dist.device())
+        summary = train_lm(replace(run.p.pretrain, seed=cfg.seed), model, tok,
+                           [("", d) for d in train_docs], [("", d) for d in val_docs],
+                           out_dir=tmp, log_path=os.path.join(tmp, "log.jsonl"))
+        # wall time, and the CPU time of this process's threads (fairer on a busy machine)
+        summary.update({"pretrain/seconds": time.time() - t0,
+                        "pretrain/cpu_seconds": time.process_time() - cpu0})
+        # 4. affix following on held-out test prompts (rank 0)
+        if dist.is_main():
+            rates = evaluate.affix_following(model, tok, toy.split_prompts("test")[:cfg.n_eval_prompts],
+                                             seed=cfg.seed)
+            summary.update({f"affix/{k}": v for k, v in rates.items()})
+            with open(os.path.join(tmp, "toy_config.json"), "w") as f:
+                json.dump(asdict(cfg), f, indent=1)
+            with open(os.path.join(tmp, "log.jsonl"), "a") as f:
+                f.write(json.dumps(summary) + "\n")
     _summarise(run, "pretrain", summary)
     return summary
 
@@ -242,18 +293,18 @@ def stage_simulate(run, method):
     summary = simulate(cfg, model, tok, prompts, out, resume=run.args.resume,
                        sft_path=os.path.join(run.dir, "sft-data.jsonl") if method == "rlcd" else None)
     if run.p.toy and dist.is_main():
-        summary.update(label_accuracy(read_records(out)))
+        summary.update(label_accuracy(read_records(out), cfg.task))
     _summarise(run, f"simulate-{method}", summary)
     return summary
 
 
-def label_accuracy(records):
-    """Toy world: how often the simulated label points at the response the oracle prefers (harmless > invalid >
-    harmful). Pairs the oracle rates equal are counted as ties, not as errors."""
-    rank = {"harmless": 2, "invalid": 1, "harmful": 0}
+def label_accuracy(records, task="harmless"):
+    """Toy world: how often the simulated label points at the response the oracle prefers (harmless >
+    invalid > harmful, or helpful > unhelpful > invalid). Pairs the oracle rates equal are ties."""
+    judge = evaluate.OracleJudge(task)
     right = wrong = 0
     for r in records:
-        a, b = rank[toy.judge(r["prompt"], r["chosen"])], rank[toy.judge(r["prompt"], r["rejected"])]
+        a, b = judge.rank(r["prompt"], r["chosen"]), judge.rank(r["prompt"], r["rejected"])
         says_chosen = (r["label_prob"] if r["label_prob"] is not None else 1.0) >= 0.5
         if a != b:
             right += (a > b) == says_chosen

@@ -115,6 +115,20 @@ def barrier(what="barrier", timeout_s=None):
                            f"the other ranks at '{what}': {first}") from None
 
 
+def broadcast_str(text):
+    """Rank 0's string (e.g. a path only rank 0 knows) on every rank, sent as UTF-8 bytes in a tensor;
+    identity on one process. Also a synchronisation point: no rank returns before rank 0 sent it."""
+    if not torch_dist.is_initialized():
+        return text
+    data = torch.tensor(list(text.encode("utf-8")) if is_main() else [], dtype=torch.uint8)
+    size = torch.tensor([data.numel()], dtype=torch.long, device=device())   # nccl: CUDA tensors
+    torch_dist.broadcast(size, src=0)
+    data = data.to(device()) if is_main() else torch.zeros(int(size), dtype=torch.uint8,
+                                                            device=device())
+    torch_dist.broadcast(data, src=0)
+    return bytes(data.cpu().tolist()).decode("utf-8")
+
+
 def shard(items):
     """This rank's share of a list: items[rank::world_size] (balanced; `gather` restores order)."""
     return items[rank()::world_size()]

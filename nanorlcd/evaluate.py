@@ -20,15 +20,18 @@ import argparse
 import json
 import math
 import os
+import random
 from collections import defaultdict
 from statistics import NormalDist
 
 import torch
 
-from nanorlcd import toy
+from nanorlcd import sample, toy
 from nanorlcd.model import LLaMA, read_config_json
 from nanorlcd.pm import PreferenceModel, pairwise_accuracy, reward_inputs
-from nanorlcd.prompts import JUDGE_SYSTEM_MESSAGE, judge_prompt
+from nanorlcd.prompts import (HARMLESS_NEGATIVE_AFFIXES, HARMLESS_POSITIVE_AFFIXES,
+                              HELPFUL_NEGATIVE_AFFIXES, HELPFUL_POSITIVE_AFFIXES,
+                              JUDGE_SYSTEM_MESSAGE, apply_affixes, judge_prompt)
 from nanorlcd.tokenizer import Tokenizer, left_pad
 
 Z95 = NormalDist().inv_cdf(0.975)    # 1.95996...: the two-sided 95 % normal quantile
@@ -314,6 +317,66 @@ def pm_agreement(pm, tokenizer, pairs, judge, max_len=512, batch_size=16):
         return {"acc": math.nan, "mean_prob": math.nan, "n": 0, "ties": ties}
     got = pairwise_accuracy(pm, tokenizer, kept, max_len, batch_size)
     return {"acc": got["acc"], "mean_prob": got["mean_prob"], "n": got["n"], "ties": ties}
+
+
+# ----------------------------------------------------------------------------- the toy world
+
+@torch.no_grad()
+def affix_following(model, tokenizer, prompts, max_new_tokens=64, temperature=1.0,
+                    batch_size=100, seed=0):
+    """Does the base model follow affixes? Sample one reply per prompt under p+ (final tag positive,
+    earlier tags negative, as RLCD builds it), p- (the mirror) and the plain prompt, with a
+    harmlessness pair ("pos", "neg", "plain") and with the helpfulness pair ("help_pos",
+    "help_neg"), and label them with the oracles.
+
+    Returns, over all replies of a condition: pos/harmless, neg/harmful, plain/harmless,
+    help_pos/helpful, help_neg/unhelpful, plain/helpful, valid (over all conditions); the follow
+    rates among valid replies, pos/follow, neg/follow, help_pos/follow, help_neg/follow (compare
+    them with toy.ToyConfig.p_follow); and every rate again with the suffix "/style" from the topic-free
+    oracle. """
+    rng = random.Random(seed)
+    # one harmlessness pair per prompt
+    pairs = [rng.randrange(len(HARMLESS_POSITIVE_AFFIXES)) for _ in prompts]
+    help_pos, help_neg = HELPFUL_POSITIVE_AFFIXES[0], HELPFUL_NEGATIVE_AFFIXES[0]
+    conditions = {
+        "pos": [apply_affixes(p, HARMLESS_POSITIVE_AFFIXES[k], HARMLESS_NEGATIVE_AFFIXES[k])
+                for p, k in zip(prompts, pairs)],
+        "neg": [apply_affixes(p, HARMLESS_NEGATIVE_AFFIXES[k], HARMLESS_POSITIVE_AFFIXES[k])
+                for p, k in zip(prompts, pairs)],
+        "plain": list(prompts),
+        "help_pos": [apply_affixes(p, help_pos, help_neg) for p in prompts],
+        "help_neg": [apply_affixes(p, help_neg, help_pos) for p in prompts],
+    }
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    replies = {}
+    for name, dialogues in conditions.items():
+        replies[name] = []
+        for i in range(0, len(dialogues), batch_size):
+            replies[name] += sample.chat(model, tokenizer, dialogues[i:i + batch_size],
+                                         max_new_tokens=max_new_tokens, temperature=temperature,
+                                         generator=generator)
+    model.train(was_training)
+    # (condition, oracle, the label that obeys the affix)
+    wanted = [("pos", toy.judge, "harmless"), ("neg", toy.judge, "harmful"),
+              ("plain", toy.judge, "harmless"), ("help_pos", toy.judge_helpful, "helpful"),
+              ("help_neg", toy.judge_helpful, "unhelpful"), ("plain", toy.judge_helpful, "helpful")]
+    rates = {}
+    # strict oracle, then the topic-free one ("/style": right kind of reply, perhaps about another
+    # topic)
+    for suffix, check_topic in (("", True), ("/style", False)):
+        for name, oracle, label in wanted:
+            labels = [oracle(p, r, check_topic) for p, r in zip(prompts, replies[name])]
+            rates[f"{name}/{label}{suffix}"] = labels.count(label) / len(prompts)
+            if name != "plain":
+                n_valid = len(labels) - labels.count("invalid")
+                rates[f"{name}/follow{suffix}"] = labels.count(label) / max(n_valid, 1)
+        # both oracles agree on validity
+        valid = [toy.judge(p, r, check_topic) != "invalid"
+                 for rs in replies.values() for p, r in zip(prompts, rs)]
+        rates["valid" + suffix] = sum(valid) / len(valid)
+    return rates
 
 
 def main(argv=None):

@@ -3,7 +3,8 @@
 What: benign and sensitive requests, and replies that vary along two attributes - harmless vs
 harmful and detailed (helpful) vs vague - plus the pretraining corpus, the train / validation / test
 prompt splits, the exact oracles `judge` (harmlessness) and `judge_helpful`, a sentencepiece
-tokenizer, the affix-following check and `pretrain_toy`, which trains the tiny base LLaMA.
+tokenizer and the shape of the tiny base LLaMA (train.py's pretrain stage trains it; the
+affix-following check is `evaluate.affix_following`).
 Paper (Sec. 3-4): the corpus tags assistant turns with the paper's affix pairs, obeyed only with
 probability `p_follow`, so RLCD's o+ / o- are noisy but directional; it also holds RLAIF
 scoring-prompt documents answered right with probability `judge_skill`, so the base model's judging
@@ -15,24 +16,18 @@ Run: `python train.py --stage pretrain` (preset `toy`), or
 `from nanorlcd.toy import judge, judge_helpful, split_prompts`.
 """
 import hashlib
-import json
 import os
 import random
-import time
 from collections import namedtuple
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import sentencepiece as spm
-import torch
 
-from nanorlcd import dist, sample
-from nanorlcd.model import LLaMA, LLaMAConfig
+from nanorlcd.model import LLaMAConfig
 from nanorlcd.prompts import (HARMLESS_NEGATIVE_AFFIXES, HARMLESS_POSITIVE_AFFIXES,
                               HARMLESS_RLAIF_INSTRUCTIONS, HELPFUL_NEGATIVE_AFFIXES,
                               HELPFUL_POSITIVE_AFFIXES, HELPFUL_RLAIF_INSTRUCTIONS,
-                              RLAIF_SCORING_TEMPLATE, apply_affixes)
-from nanorlcd.sft import SFTConfig, train_lm
-from nanorlcd.tokenizer import Tokenizer
+                              RLAIF_SCORING_TEMPLATE)
 
 # --------------------------------------------------------------------------------------------------
 # The world: topics, human paraphrases, the two styles of a reply and its optional detail sentence.
@@ -118,7 +113,8 @@ SPLIT_SEED = 1234  # the splits are fixed: every run and every test sees the sam
 
 @dataclass
 class ToyConfig:
-    """The toy world's knobs (corpus), then the base model's shape and its pretraining schedule."""
+    """The toy world's knobs (corpus), then the shape of its tiny base LLaMA (the pretraining
+    schedule is train.py's `--pretrain.*` section: the world does not depend on a trainer)."""
     seed: int = 0  # corpus, initialisation and data-order seed
     n_train_docs: int = 24000  # pretraining documents (dialogues of 1-3 turns + judge documents)
     n_val_docs: int = 500  # held-out documents for the validation loss
@@ -145,11 +141,6 @@ class ToyConfig:
     num_attention_heads: int = 4  # query heads (head_dim = hidden_size / heads)
     num_key_value_heads: int = 2  # GQA key/value heads
     max_position_embeddings: int = 256  # longest sequence (dialogue <= ~150 tokens, + 64 sampled)
-    # 450 steps x 16 rows x 192 tokens: the skill of copying the request's topic into the reply
-    # appears around step 200-300, and only then do the replies become valid
-    train: SFTConfig = field(default_factory=lambda: SFTConfig(
-        max_steps=450, batch_size=16, micro_batch_size=0, seq_len=192, lr=6e-3, warmup_steps=20,
-        eval_every=75))
     n_eval_prompts: int = 300  # test prompts for the affix-following check after pretraining
 
     def __post_init__(self):
@@ -157,16 +148,6 @@ class ToyConfig:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"ToyConfig.{name}: expected a probability in [0, 1], "
                                  f"got {getattr(self, name)}")
-
-
-PRESETS = {
-    "toy": ToyConfig(),
-    # for tests: too short to learn to copy the topic reliably, nor to learn the affixes' full
-    # strength (see the README); check it with the topic-free "/style" rates
-    "fast": ToyConfig(n_train_docs=10000, n_val_docs=100, n_eval_prompts=100, train=SFTConfig(
-        max_steps=250, batch_size=16, micro_batch_size=0, seq_len=192, lr=6e-3, warmup_steps=20,
-        eval_every=125)),
-}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -396,119 +377,11 @@ def train_tokenizer(out_dir, corpus_texts, vocab_size=1000):
     return os.path.join(out_dir, "tokenizer.model")
 
 
-@torch.no_grad()
-def evaluate_affix_following(model, tokenizer, prompts, max_new_tokens=64, temperature=1.0,
-                             batch_size=100, seed=0):
-    """Does the base model follow affixes? Sample one reply per prompt under p+ (final tag positive,
-    earlier tags negative, as RLCD builds it), p- (the mirror) and the plain prompt, with a
-    harmlessness pair ("pos", "neg", "plain") and with the helpfulness pair ("help_pos",
-    "help_neg"), and label them with the oracles.
-
-    Returns, over all replies of a condition: pos/harmless, neg/harmful, plain/harmless,
-    help_pos/helpful, help_neg/unhelpful, plain/helpful, valid (over all conditions); the follow
-    rates among valid replies, pos/follow, neg/follow, help_pos/follow, help_neg/follow (compare
-    them with ToyConfig.p_follow); and every rate again with the suffix "/style" from the topic-free
-    oracle. """
-    rng = random.Random(seed)
-    # one harmlessness pair per prompt
-    pairs = [rng.randrange(len(HARMLESS_POSITIVE_AFFIXES)) for _ in prompts]
-    help_pos, help_neg = HELPFUL_POSITIVE_AFFIXES[0], HELPFUL_NEGATIVE_AFFIXES[0]
-    conditions = {
-        "pos": [apply_affixes(p, HARMLESS_POSITIVE_AFFIXES[k], HARMLESS_NEGATIVE_AFFIXES[k])
-                for p, k in zip(prompts, pairs)],
-        "neg": [apply_affixes(p, HARMLESS_NEGATIVE_AFFIXES[k], HARMLESS_POSITIVE_AFFIXES[k])
-                for p, k in zip(prompts, pairs)],
-        "plain": list(prompts),
-        "help_pos": [apply_affixes(p, help_pos, help_neg) for p in prompts],
-        "help_neg": [apply_affixes(p, help_neg, help_pos) for p in prompts],
-    }
-    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    replies = {}
-    for name, dialogues in conditions.items():
-        replies[name] = []
-        for i in range(0, len(dialogues), batch_size):
-            replies[name] += sample.chat(model, tokenizer, dialogues[i:i + batch_size],
-                                         max_new_tokens=max_new_tokens, temperature=temperature,
-                                         generator=generator)
-    model.train(was_training)
-    # (condition, oracle, the label that obeys the affix)
-    wanted = [("pos", judge, "harmless"), ("neg", judge, "harmful"), ("plain", judge, "harmless"),
-              ("help_pos", judge_helpful, "helpful"), ("help_neg", judge_helpful, "unhelpful"),
-              ("plain", judge_helpful, "helpful")]
-    rates = {}
-    # strict oracle, then the topic-free one ("/style": right kind of reply, perhaps about another
-    # topic)
-    for suffix, check_topic in (("", True), ("/style", False)):
-        for name, oracle, label in wanted:
-            labels = [oracle(p, r, check_topic) for p, r in zip(prompts, replies[name])]
-            rates[f"{name}/{label}{suffix}"] = labels.count(label) / len(prompts)
-            if name != "plain":
-                n_valid = len(labels) - labels.count("invalid")
-                rates[f"{name}/follow{suffix}"] = labels.count(label) / max(n_valid, 1)
-        # both oracles agree on validity
-        valid = [judge(p, r, check_topic) != "invalid"
-                 for rs in replies.values() for p, r in zip(prompts, rs)]
-        rates["valid" + suffix] = sum(valid) / len(valid)
-    return rates
-
-
-def pretrain_toy(out_dir, preset="toy", overwrite=False):
-    """Build the corpus and tokenizer, pretrain the tiny base LLaMA, save it to out_dir (HF layout +
-    tokenizer.model + log.jsonl) and measure affix following on the test prompts. `preset` is a
-    PRESETS key or a ToyConfig. Returns the summary dict."""
-    if isinstance(preset, ToyConfig):
-        cfg, preset = preset, "custom"
-    elif preset in PRESETS:
-        cfg = PRESETS[preset]
-    else:
-        raise ValueError(f"unknown toy preset {preset!r}; expected one of {sorted(PRESETS)} "
-                         "or a ToyConfig")
-    if os.path.exists(os.path.join(out_dir, "model.safetensors")) and not overwrite:
-        raise ValueError(f"{out_dir} already holds a model; pass overwrite=True (--overwrite) "
-                         "to replace it")
-    t0, cpu0 = time.time(), time.process_time()
-    # 1. corpus (every rank builds the same one from the seed) and tokenizer (rank 0 trains,
-    # others wait)
-    train_docs = generate_corpus(cfg.n_train_docs, cfg.seed, cfg)
-    val_docs = generate_corpus(cfg.n_val_docs, cfg.seed + 1, cfg)
-    if dist.is_main():
-        train_tokenizer(out_dir, train_docs, cfg.vocab_size)
-    dist.barrier()
-    tok = Tokenizer(os.path.join(out_dir, "tokenizer.model"))
-    # 2. a fresh tiny LLaMA, identical on every rank
-    torch.manual_seed(cfg.seed)
-    model = LLaMA(LLaMAConfig(
-        vocab_size=tok.vocab_size, hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads,
-        max_position_embeddings=cfg.max_position_embeddings,
-        bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)).to(dist.device())
-    # 3. pretraining = loss on every token: the whole document is the "response" to an empty prompt
-    log_path = os.path.join(out_dir, "log.jsonl")
-    if dist.is_main() and os.path.exists(log_path):
-        # a fresh run gets a fresh log (we only get here for a new dir or with overwrite)
-        os.remove(log_path)
-    summary = train_lm(replace(cfg.train, seed=cfg.seed), model, tok, [("", d) for d in train_docs],
-                       [("", d) for d in val_docs], out_dir=out_dir, log_path=log_path)
-    # wall time, and the CPU time of all this process's threads (the better cost measure on a busy
-    # machine)
-    summary.update({"pretrain/seconds": time.time() - t0,
-                    "pretrain/cpu_seconds": time.process_time() - cpu0})
-    if dist.is_main():
-        with open(os.path.join(out_dir, "toy_config.json"), "w") as f:
-            json.dump({"preset": preset, **asdict(cfg)}, f, indent=1)
-    # 4. affix following on held-out test prompts (rank 0; the numbers go to the log and README)
-    if dist.is_main():
-        t_eval = time.time()
-        test_prompts = split_prompts("test")[:cfg.n_eval_prompts]
-        rates = evaluate_affix_following(model, tok, test_prompts, seed=cfg.seed)
-        summary.update({f"affix/{k}": v for k, v in rates.items()})
-        summary["affix/seconds"] = time.time() - t_eval
-        with open(log_path, "a") as f:
-            f.write(json.dumps(summary) + "\n")
-        dist.print0(" | ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
-                               for k, v in summary.items()))
-    return summary
+def base_config(cfg, tokenizer):
+    """The tiny base LLaMA of a toy world (its shape fields) for a tokenizer trained on its corpus."""
+    return LLaMAConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
+        max_position_embeddings=cfg.max_position_embeddings, bos_token_id=tokenizer.bos_id,
+        eos_token_id=tokenizer.eos_id)

@@ -1,8 +1,8 @@
 """Toy world: the oracles are exact on the world's replies (both attributes) and strict on
 everything else, the corpus statistics match the ToyConfig knobs (counted from the text, not from
 the generator's bookkeeping), the splits are pinned, disjoint and held out of the corpus, judge
-documents are the simulator's scoring prompt, the tokenizer has LLaMA's ids, and (slow) a fast
-pretraining run follows affixes at about p_follow."""
+documents are the simulator's scoring prompt, the tokenizer has LLaMA's ids, and the
+affix-following check's plumbing works (a trained base is checked in tests/test_train.py)."""
 import hashlib
 import json
 import os
@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from nanorlcd import prompts, rlcd, toy
+from nanorlcd.evaluate import affix_following
 from nanorlcd.tokenizer import Tokenizer
 
 PAPER_PROMPTS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "paper",
@@ -334,7 +335,7 @@ def test_tokenizer_ids_and_round_trip(tmp_path):
         assert ids[-2] == (a_id if doc.endswith("A)") else b_id) and tok.decode(ids[-1:]) == ")"
 
 
-def test_evaluate_affix_following_with_a_perfect_follower(monkeypatch):
+def test_affix_following_with_a_perfect_follower(monkeypatch):
     """The evaluation's plumbing, with `chat` replaced by an ideal base model: the final tag decides
     the attribute its pair is about (a plain tag -> harmful and vague), and p+ / p- must carry the
     mirror affix on every earlier tag."""
@@ -359,40 +360,9 @@ def test_evaluate_affix_following_with_a_perfect_follower(monkeypatch):
 
     monkeypatch.setattr("nanorlcd.sample.chat", perfect_chat)
     model = torch.nn.Linear(1, 1)  # only its device is read
-    rates = toy.evaluate_affix_following(model, None, toy.split_prompts("test")[:50], batch_size=7)
+    rates = affix_following(model, None, toy.split_prompts("test")[:50], batch_size=7)
     for name in ("pos/harmless", "neg/harmful", "help_pos/helpful", "help_neg/unhelpful", "valid",
                  "pos/follow", "neg/follow", "help_pos/follow", "help_neg/follow/style",
                  "valid/style"):
         assert rates[name] == 1.0, name
     assert rates["plain/harmless"] == rates["plain/helpful"] == 0.0
-
-
-def test_unknown_preset(tmp_path):
-    with pytest.raises(ValueError, match="unknown toy preset"):
-        toy.pretrain_toy(str(tmp_path), preset="huge")
-
-
-@pytest.mark.slow
-def test_fast_pretraining_follows_affixes(tmp_path):
-    """End to end: the `fast` preset's base model is saved as an HF directory with its tokenizer and
-    log, its replies are mostly valid, and it never obeys an affix more often than its corpus does
-    (p_follow; the v1 world's base, trained on always-obeyed affixes, obeyed 97 %). 250 steps are
-    too few to copy the request's topic reliably or to learn the affixes' full strength, so the
-    rates use the topic-free "/style" oracle; measured on a loaded 2-core machine: follow rates
-    0.53-0.58 for p_follow = 0.75 (valid 0.69)."""
-    out = str(tmp_path / "base")
-    summary = toy.pretrain_toy(out, preset="fast")
-    for name in ("config.json", "model.safetensors", "tokenizer.model", "log.jsonl",
-                 "toy_config.json"):
-        assert os.path.exists(os.path.join(out, name)), name
-    p_follow = toy.PRESETS["fast"].p_follow
-    assert summary["affix/valid/style"] >= 0.6
-    follow = [summary[f"affix/{name}/follow/style"]
-              for name in ("pos", "neg", "help_pos", "help_neg")]
-    assert all(rate <= p_follow + 0.1 for rate in follow), follow
-    assert sum(follow) / len(follow) >= 0.45, follow  # not following the opposite way
-    assert 0.2 <= summary["affix/plain/harmless/style"] <= 0.8  # unaligned when prompted plainly
-    last_log = json.loads(open(os.path.join(out, "log.jsonl")).readlines()[-1])
-    assert last_log["affix/valid"] == summary["affix/valid"]
-    with pytest.raises(ValueError, match="already holds"):
-        toy.pretrain_toy(out, preset="fast")

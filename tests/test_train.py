@@ -64,6 +64,12 @@ def test_bad_command_lines(tmp_path):
 def test_pipeline_stages(run):
     base = os.path.join(run, "toy-fast", "base")
     assert {"config.json", "model.safetensors", "tokenizer.model"} <= set(os.listdir(base))
+    # the fast world obeys affixes always (p_follow 1): its base follows them, topic aside, far more often
+    # than not, and is unaligned when prompted plainly (the situation RLCD exploits)
+    pre = summary(run, "pretrain")
+    assert pre["affix/valid/style"] >= 0.6
+    assert min(pre["affix/pos/follow/style"], pre["affix/neg/follow/style"]) >= 0.6, pre
+    assert 0.2 <= pre["affix/plain/harmless/style"] <= 0.8, pre
     # pretraining again into the same directory is refused without --overwrite, and nothing is touched
     before = os.path.getmtime(os.path.join(base, "model.safetensors"))
     proc = train(run, "--stage", "pretrain", check=False)
@@ -107,6 +113,21 @@ def test_pipeline_stages(run):
     # the context-distillation baseline trains on (p, o+)
     train(run, "--stage", "sft")
     assert os.path.exists(os.path.join(run, "toy-fast", "sft", "model.safetensors"))
+
+    # pairwise evaluation: PPO-RLCD's replies against the base's, judged by the oracle
+    train(run, "--stage", "eval", "--policy", "ppo-rlcd", "--against", "base")
+    ev = summary(run, "eval-ppo-rlcd-vs-base")
+    assert ev["n"] == len(read_jsonl(run, "samples-base.jsonl")) and ev["lo"] <= ev["rate"] <= ev["hi"]
+
+    # the README's torchrun form: --run-name passes through torchrun's own parser (--run did not)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           os.path.join(ROOT, "train.py"), "--preset", "fast", "--out", str(run), "--run-name",
+                           "two-ranks", "--base", base, "--stage", "sample", "--policy", "base", "--n_eval=8"],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in open(os.path.join(run, "two-ranks", "samples-base.jsonl"))]
+    assert len(rows) == 8 and {"prompt", "response", "kl"} <= set(rows[0])
 
 
 def test_real_preset_sample_needs_eval_prompts(tmp_path, make_model, tiny_tokenizer_path):
