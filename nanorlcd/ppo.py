@@ -439,11 +439,15 @@ def build_models(cfg, policy, ref, pm, value):
     if dist.is_sharded(policy) or (value is not None and dist.is_sharded(value)):
         raise ValueError("train_ppo: pass policy and value unsharded (train_ppo shards them "
                          "together as one ActorCritic); ref and pm may come sharded")
+    if value is None and dist.is_sharded(pm):
+        raise ValueError("train_ppo: a sharded pm cannot be copied into the value model: pass "
+                         "value (e.g. PreferenceModel.from_pretrained(pm_dir)) too")
     device = next(policy.parameters()).device
     # 1. copies first: the reference (the initial policy) and the value model (the PM plus a fresh
     #    head) are deep copies, and a sharded model cannot be copied
     ref = copy.deepcopy(policy) if ref is None else ref
-    value = make_value_model(pm, cfg.keep_pm_head) if value is None else value
+    if value is None:      # trained, so in the policy's dtype (fp32) even if the PM came in bf16
+        value = make_value_model(pm, cfg.keep_pm_head).to(next(policy.parameters()).dtype)
     for frozen in (ref, pm):
         if not dist.is_sharded(frozen):
             frozen.to(device).eval().requires_grad_(False)

@@ -9,9 +9,12 @@ an odd size, so the FSDP2 evaluation runs padded shards (dist.shard_padded) on i
 Everything is fp32 (bf16 mixed precision is a GPU matter).
 Run: `python -m pytest tests/test_train_fsdp.py -q` (slow: two torchrun jobs).
 """
+import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -20,7 +23,7 @@ from safetensors.torch import load_file
 from conftest import synthetic_corpus
 from nanorlcd.model import LLaMA, LLaMAConfig
 from nanorlcd.pm import PreferenceModel
-from test_dist import torchrun
+from test_dist import REPO, torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -210,3 +213,66 @@ def test_train_ppo_fsdp_saves_loadable_models(results):
     ids = torch.tensor([[1, 5, 9, 13]])
     assert torch.isfinite(policy(ids)).all() and torch.isfinite(value(ids)).all()
     assert os.path.exists(run / "policy" / "tokenizer.model")
+
+
+# ----------------------------------------------------------------------------- train.py, sharded
+
+# the 7B preset (bf16 frozen models, as a sharded 7B run loads them) cut to a tiny run
+SMALL = ["--preset", "llama7b-harmless", "--pm.batch_size=4", "--pm.save_every=0",
+         "--sft.batch_size=4", "--sft.epochs=1", "--sft.seq_len=64", "--sft.save_every=0",
+         "--ppo.steps=1", "--ppo.rollout_batch_size=4", "--ppo.minibatch_size=4",
+         "--ppo.gen_batch_size=4", "--ppo.max_new_tokens=6"]
+
+
+def train_py(nproc, out, base, prompts, *args):
+    """`train.py` on a tiny base (1 process, or torchrun with 2)."""
+    cmd = [os.path.join(REPO, "train.py"), "--out", out, "--base", base,
+           "--prompts", prompts, "--overwrite", *SMALL, *args]
+    if nproc > 1:
+        return torchrun(nproc, *cmd)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, cwd=REPO,
+                         env=env, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    return res
+
+
+def test_train_py_stages_with_fsdp(tmp_path, tiny_tokenizer_path):
+    """--stage pm / sft / ppo with --<stage>.strategy=fsdp at world sizes 1 and 2 write models
+    that load: the 7B preset's settings on a tiny base, and a finished simulation's files
+    written here."""
+    base, out, prompts = tmp_path / "base", str(tmp_path / "out"), tmp_path / "prompts.jsonl"
+    torch.manual_seed(0)
+    LLaMA(LLaMAConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=128)).save_pretrained(base)
+    shutil.copy(tiny_tokenizer_path, base / "tokenizer.model")
+    run = os.path.join(out, "llama7b-harmless")
+    os.makedirs(run)
+    prefs = os.path.join(run, "prefs-rlcd.jsonl")
+    sft_data = os.path.join(run, "sft-data.jsonl")
+    with open(prompts, "w") as f, open(prefs, "w") as p, open(sft_data, "w") as d:
+        for i, topic in enumerate(["bake bread", "pick a lock", "train a dog", "paint a wall"] * 4):
+            prompt = f"\n\nHuman: How do I {topic}? ({i})\n\nAssistant:"
+            f.write(json.dumps({"prompt": prompt}) + "\n")
+            rec = dict(id=i, task="harmless", method="rlcd", prompt=prompt,
+                       chosen="I can't help with that.", rejected="Sure, here is how.",
+                       pos_prompt=prompt, neg_prompt=prompt, affix_index=0, label_prob=None)
+            p.write(json.dumps(rec) + "\n")
+            d.write(json.dumps({"id": i, "prompt": prompt, "response": rec["chosen"]}) + "\n")
+    with open(prefs + ".done", "w") as f:      # the marker of a finished simulation (data.finish)
+        json.dump({"sha256": hashlib.sha256(open(prefs, "rb").read()).hexdigest()}, f)
+    # world 2 for every stage; world 1 (where fsdp is the identity) for PPO only, to keep time
+    for nproc, stage, made in ((2, "pm", "pm-rlcd"), (2, "sft", "sft"), (2, "ppo", "ppo-rlcd"),
+                               (1, "ppo", "ppo-rlcd")):
+        shutil.rmtree(os.path.join(run, made), ignore_errors=True)
+        train_py(nproc, out, base, prompts, "--stage", stage, f"--{stage}.strategy=fsdp")
+        config = json.load(open(os.path.join(run, f"config-{stage}.json")))
+        assert config["preset"][stage]["strategy"] == "fsdp"
+        if stage == "pm":
+            PreferenceModel.from_pretrained(os.path.join(run, made))
+        else:
+            LLaMA.from_pretrained(os.path.join(run, made, "policy" if stage == "ppo" else ""))
+        if stage == "ppo":          # the value model was trained in fp32 from the bf16 PM
+            value = PreferenceModel.from_pretrained(os.path.join(run, made, "value"))
+            assert value.score.weight.abs().sum() > 0
