@@ -54,6 +54,9 @@ def build(stage, method="rlcd"):
         return shown
     args = ["--stage", stage, "--preset", "fast", "--run-name", NAME, *FLAGS[stage]]
     args += ["--method", method] if stage != "pretrain" else []
+    # an interrupted pretraining leaves base/ without its weights: make it again from scratch
+    if stage == "pretrain" and os.path.isdir(run_path("base")):
+        args.append("--overwrite")
     log = io.StringIO()
     with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         train.main(args + ["--out", RUN])

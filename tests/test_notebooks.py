@@ -73,7 +73,9 @@ def test_notebook_executes(path, notebook_run_dir):
     env_before = os.environ.get("NANORLCD_NOTEBOOK_RUN")
     os.environ["NANORLCD_NOTEBOOK_RUN"] = notebook_run_dir      # the kernel inherits it
     try:
-        client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+        # seconds per cell: pretraining the base model takes ~2-3 min on 2 idle cores
+        timeout = int(os.environ.get("NANORLCD_NOTEBOOK_TIMEOUT", "900"))
+        client = nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3",
                                          resources={"metadata": {"path": NB_DIR}})
         client.execute()
     finally:
