@@ -424,7 +424,9 @@ def stage_sample(run, name):
     """Replies of a policy (`base`, `sft`, `ppo-<method>` or a path) on held-out prompts at temperature 1; the
     KL of the sampling distribution to the base on its own replies; toy world: the oracle's rates."""
     pdir, stage = policy_dir(run, name)
-    run.need(os.path.join(pdir, "config.json"), stage or "ppo")
+    if stage is None and not os.path.exists(os.path.join(pdir, "config.json")):
+        raise SystemExit(f"error: --policy {name}: not a model directory (no config.json)")
+    run.need(os.path.join(pdir, "config.json"), stage)
     out_path = run.fresh(os.path.join(run.dir, f"samples-{sample_name(run, name)}.jsonl"))
     dtype = getattr(torch, run.p.dtype)
     policy, tok = LLaMA.from_pretrained(pdir, dtype=dtype, device=dist.device()), Tokenizer(pdir)
@@ -613,7 +615,13 @@ def main(argv=None):
         dist.cleanup()
         raise SystemExit(f"error: {e}") from None
     if dist.is_main():
-        os.makedirs(run.dir, exist_ok=True)
+        try:
+            os.makedirs(run.dir, exist_ok=True)
+            if not os.access(run.dir, os.W_OK):
+                raise PermissionError(f"{run.dir} is not writable")
+        except OSError as e:             # a read-only --out, or a file where a directory should be
+            dist.cleanup()
+            raise SystemExit(f"error: --out {args.out}: cannot write the run directory ({e})") from None
         dist.print0(f"run {run.dir} | stage {args.stage} | preset {args.preset} | world {dist.world_size()}"
                     + "".join(f" | {k}={v}" for k, v in args.overrides))
         # the resolved config of every run, overrides applied

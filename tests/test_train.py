@@ -54,6 +54,12 @@ def test_bad_command_lines(tmp_path):
     proc = train(tmp_path, "--stage", "pm", check=False)
     assert proc.returncode != 0
     assert "base/config.json is missing" in proc.stderr and "python train.py --stage pretrain" in proc.stderr
+    # an --out that is a file, and a --policy directory that holds no model, are one-line errors
+    (tmp_path / "afile").write_text("x")
+    proc = train(tmp_path / "afile", "--stage", "pm", check=False)
+    assert proc.returncode != 0 and "cannot write the run directory" in proc.stderr
+    proc = train(tmp_path, "--stage", "sample", "--policy", str(tmp_path), check=False)
+    assert proc.returncode != 0 and "not a model directory" in proc.stderr
     # real presets do not pretrain
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--stage", "pretrain", "--preset",
                            "llama7b-harmless", "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
