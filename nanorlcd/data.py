@@ -198,7 +198,10 @@ def load_prompts(path, kind=None):
 
 
 def _parse_hh_pair(line):
-    # both dialogues must continue the same prefix; a response is what follows the last "Assistant:"
+    """One HH-RLHF line -> ({prompt, chosen, rejected[, rejected_prompt]}, None) or (None, reason).
+    Each dialogue is cut after its own last "Assistant:"; when the two differ before that (a few
+    HH-RLHF lines do) the rejected reply keeps its own prompt, and each side is scored whole, as the
+    reference scores chosen.strip() + "\\n\\nHuman:" and rejected.strip() + "\\n\\nHuman:"."""
     try:
         obj = json.loads(line)
     except json.JSONDecodeError:
@@ -209,9 +212,10 @@ def _parse_hh_pair(line):
     chosen, rejected = cut_dialogue(obj["chosen"]), cut_dialogue(obj["rejected"])
     if chosen is None or rejected is None:
         return None, "no 'Assistant:' turn"
-    if chosen[0] != rejected[0]:
-        return None, "chosen and rejected continue different dialogues"
-    return {"prompt": chosen[0], "chosen": chosen[1], "rejected": rejected[1]}, None
+    pair = {"prompt": chosen[0], "chosen": chosen[1], "rejected": rejected[1]}
+    if rejected[0] != chosen[0]:
+        pair["rejected_prompt"] = rejected[0]
+    return pair, None
 
 
 def load_hh_pairs(path, limit=None):

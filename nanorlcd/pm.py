@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from nanorlcd import dist
-from nanorlcd.data import _parse_lines, cut_dialogue
+from nanorlcd.data import load_hh_pairs
 from nanorlcd.dialogue import reward_text
 from nanorlcd.model import (Transformer, init_weights, load_config, load_weights, read_config_json,
                             save_weights)
@@ -217,24 +217,6 @@ def pairwise_accuracy(pm, tokenizer, pairs, max_len=512, batch_size=16):
     return _as_metrics(_pair_stats(pm, tokenizer, pairs, max_len, batch_size))
 
 
-def _parse_hh_line(line):
-    """One HH-RLHF line -> ({prompt, chosen, rejected_prompt, rejected}, None) or (None, reason).
-    Each dialogue is cut after its own last "Assistant:", so a pair whose dialogues differ earlier
-    is kept and each side scored whole, as the reference scores chosen.strip() + "\\n\\nHuman:"."""
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError:
-        return None, "not JSON"
-    if not isinstance(obj, dict) or not all(isinstance(obj.get(k), str)
-                                            for k in ("chosen", "rejected")):
-        return None, "no 'chosen'/'rejected' strings"
-    chosen, rejected = cut_dialogue(obj["chosen"]), cut_dialogue(obj["rejected"])
-    if chosen is None or rejected is None:
-        return None, "no 'Assistant:' turn"
-    return {"prompt": chosen[0], "chosen": chosen[1], "rejected_prompt": rejected[0],
-            "rejected": rejected[1]}, None
-
-
 def human_agreement(pm, tokenizer, hh_path, limit=2000, max_len=512, batch_size=16):
     """Agreement with HH-RLHF's human labels (paper Table 5) -> {acc, mean_prob, loss, n, truncated,
     skipped_lines}: acc = the fraction of pairs with r_chosen > r_rejected, mean_prob = the mean of
@@ -243,7 +225,7 @@ def human_agreement(pm, tokenizer, hh_path, limit=2000, max_len=512, batch_size=
     of the task's HH-RLHF *train* file (harmless-base or helpful-base train.jsonl, the file whose
     prompts the simulation used), not the test file."""
     # a bad line among the first `limit` is skipped and counted (the reference would stop on it)
-    pairs, summary = _parse_lines(hh_path, _parse_hh_line, "HH-RLHF file", limit=limit)
+    pairs, summary = load_hh_pairs(hh_path, limit=limit)
     stats = _pair_stats(pm, tokenizer, pairs, max_len, batch_size)
     return {**_as_metrics(stats), "skipped_lines": summary["bad"]}
 

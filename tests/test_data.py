@@ -1,16 +1,20 @@
 """Tests for nanorlcd/data.py: prompt extraction and preference-record I/O.
 
 What is checked, and against what:
-- HH-RLHF prompts: a fixture with good and bad lines; the prompts against hand-written strings and against the
-  reference's own rule ("\\n\\n" + chosen[:rindex('Assistant:') + 10].strip()); the counts, reasons and the
-  first bad line number; a file with no usable line is a ValueError naming it;
-- plain {"prompt"} jsonl, story premises (the outline request) and the toy splits, with kind detection;
+- HH-RLHF prompts: a fixture with good and bad lines; the prompts against hand-written strings and
+  against the
+  reference's own rule ("\\n\\n" + chosen[:rindex('Assistant:') + 10].strip()); the counts, reasons
+  and the first bad line number; a file with no usable line is a ValueError naming it;
+- plain {"prompt"} jsonl, story premises (the outline request) and the toy splits, with kind
+  detection;
 - HH chosen/rejected pairs for the PM's human-agreement evaluation;
-- preference records: round trip, a partial last line cut off by repair=True, a corrupt line in the middle,
-  the one reader `read_prefs` (skip_bad counting, the file:line error, required fields; pm.read_prefs is
-  the same reader), and the context-distillation view;
+- preference records: round trip, a partial last line cut off by repair=True, a corrupt line in the
+  middle,
+  the one reader `read_prefs` (skip_bad counting, the file:line error, required fields;
+  pm.read_prefs is the same reader), and the context-distillation view;
 - encodings (faults reproduced): a non-UTF-8 byte is a one-line error naming file and line in every
-  reader; a UTF-8 BOM does not cost the first record (HH prompts, kind guess, preferences, SFT view);
+  reader; a UTF-8 BOM does not cost the first record (HH prompts, kind guess, preferences, SFT
+  view);
 - the shipped premise file nanorlcd/premises.txt (outline task) and its format rules.
 Run: `python -m pytest tests/test_data.py -q`
 """
@@ -19,8 +23,9 @@ import os
 
 import pytest
 
-from nanorlcd.data import (OUTLINE_REQUEST, RECORD_FIELDS, load_hh_pairs, load_prompts, read_prefs,
-                           read_records, read_sft_data, write_records, write_sft_data)
+from nanorlcd.data import (OUTLINE_REQUEST, RECORD_FIELDS, cut_dialogue, load_hh_pairs,
+                           load_prompts, read_prefs, read_records, read_sft_data, write_records,
+                           write_sft_data)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -72,9 +77,11 @@ def test_no_usable_prompt_is_an_error(tmp_path):
 
 def test_plain_jsonl_and_premises(tmp_path):
     plain = write_lines(tmp_path / "p.jsonl", [
-        json.dumps({"prompt": "Human: How do I fix a bike?\n\nAssistant:"}),   # leading "\n\n" added
+        # leading "\n\n" added
+        json.dumps({"prompt": "Human: How do I fix a bike?\n\nAssistant:"}),
         json.dumps({"prompt": "Human: no tag"}),                               # 2 bad
-        json.dumps({"prompt": "\n\nHuman: Hi\n\nAssistant:  "})])              # trailing space stripped
+        # trailing space stripped
+        json.dumps({"prompt": "\n\nHuman: Hi\n\nAssistant:  "})])
     prompts, summary = load_prompts(plain)
     assert summary["kind"] == "jsonl" and summary["first_bad_line"] == 2 and summary["bad"] == 1
     assert prompts == ["\n\nHuman: How do I fix a bike?\n\nAssistant:", "\n\nHuman: Hi\n\nAssistant:"]
@@ -96,13 +103,17 @@ def test_hh_pairs(tmp_path):
     rejected = TWO_TURNS.replace("I can not help with that.", "Wait until nobody looks.")
     path = write_lines(tmp_path / "pairs.jsonl", [
         json.dumps({"chosen": TWO_TURNS, "rejected": rejected}),
-        json.dumps({"chosen": ONE_TURN, "rejected": TWO_TURNS}),    # 2: different dialogues
+        json.dumps({"chosen": ONE_TURN, "rejected": TWO_TURNS}),    # 2: different dialogues, kept
         json.dumps({"chosen": ONE_TURN}),                           # 3: no rejected
     ])
     pairs, summary = load_hh_pairs(path)
-    assert pairs == [{"prompt": reference_prompt(TWO_TURNS), "chosen": "I can not help with that.",
-                      "rejected": "Wait until nobody looks."}]
-    assert (summary["bad"], summary["first_bad_line"]) == (2, 2)
+    assert pairs[0] == {"prompt": reference_prompt(TWO_TURNS), "chosen": "I can not help with that.",
+                        "rejected": "Wait until nobody looks."}
+    # as the reference, a pair whose dialogues differ earlier is scored whole: each side its own
+    # prompt
+    assert pairs[1]["prompt"] == cut_dialogue(ONE_TURN)[0]
+    assert pairs[1]["rejected_prompt"] == cut_dialogue(TWO_TURNS)[0] != pairs[1]["prompt"]
+    assert len(pairs) == 2 and (summary["bad"], summary["first_bad_line"]) == (1, 3)
 
 
 def record(i, **kw):
@@ -117,7 +128,8 @@ def test_records_round_trip_and_repair(tmp_path):
     write_records(path, [record(0), record(1, affix_index=3)])
     write_records(path, [record(2)])
     assert read_records(path) == [record(0), record(1, affix_index=3), record(2)]
-    # a run killed mid-write leaves a partial last line: an error, unless repair=True cuts it off the file
+    # a run killed mid-write leaves a partial last line: an error, unless repair=True cuts it off
+    # the file
     complete = open(path).read()
     with open(path, "a") as f:
         f.write('{"id": 3, "task": "harm')
