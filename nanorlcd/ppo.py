@@ -473,8 +473,9 @@ def train_ppo(cfg, policy, ref, pm, value, tokenizer, prompts, out_dir, log_path
     Returns the last step's stats; raises Diverged (saving nothing) on a numeric fault."""
     rank, world, _ = dist.init()
     cfg = check_config(cfg, world)
-    device = next(policy.parameters()).device
     ac, ac_ddp, ref, pm, optimizer = build_models(cfg, policy, ref, pm, value)
+    # after the wrap: FSDP2 moves the shards of a model loaded on the CPU to this rank's device
+    device = next(ac.parameters()).device
     # tokenize once; drop prompts that leave no room for a reply (the reference's query_len filter)
     limit = min(cfg.max_prompt_len, policy.config.max_position_embeddings - cfg.max_new_tokens)
     kept = [(p, ids) for p in prompts if len(ids := tokenizer.encode(p, bos=True)) <= limit]
