@@ -232,18 +232,17 @@ def main():
                 for part, (wall, cpu) in times.items())
                 + (f"  (approx_kl {stats['policy/approx_kl']:.2e}, "
                    f"logprob_gap {stats['rollout/logprob_gap']:.1e})" if stats else ""))
+    total = {name: tuple(sum(p[i] for p in parts.values()) for i in (0, 1))
+             for name, parts in best.items()}
     for name, parts in best.items():
-        wall, cpu = (sum(p[i] for p in parts.values()) for i in (0, 1))
-        ratio = ""
-        if name != "nanorlcd":
-            base = best["nanorlcd"]
-            ratio = (f"  time nanorlcd / {name}: wall "
-                     f"{sum(p[0] for p in base.values()) / wall:.2f}x, cpu "
-                     f"{sum(p[1] for p in base.values()) / cpu:.2f}x")
-        print(f"best {name:22s} iteration {wall:6.2f} s wall {cpu:6.2f} s cpu ("
-              + ", ".join(f"{part} {w:.2f}/{c:.2f} s" for part, (w, c) in parts.items())
-              + ")" + ratio)
-
+        print(f"best {name:22s} iteration {total[name][0]:6.2f} s wall "
+              f"{total[name][1]:6.2f} s cpu ("
+              + ", ".join(f"{part} {w:.2f}/{c:.2f} s" for part, (w, c) in parts.items()) + ")")
+    # time ratios: every nanorlcd variant against every other method (< 1: nanorlcd is faster)
+    for ours in (name for name in total if name.startswith("nanorlcd")):
+        for other in (name for name in total if not name.startswith("nanorlcd")):
+            print(f"time {ours} / {other}: wall {total[ours][0] / total[other][0]:.2f}x, "
+                  f"cpu {total[ours][1] / total[other][1]:.2f}x")
 
 if __name__ == "__main__":
     main()
