@@ -8,6 +8,7 @@ token, saved in Hugging Face's LlamaForSequenceClassification layout; the reward
 −[p log σ(Δ) + (1 − p) log σ(−Δ)]; `train_pm` (AdamW, 3 % warmup, cosine to 0, one epoch, 16 pairs
 a step, as the reference); evaluation: held-out accuracy, agreement with HH-RLHF's human labels
 (paper Table 5, `human_agreement`), the toy oracle's accuracy.
+Under torchrun, PMConfig.strategy replicates the PM (DDP) or shards it (FSDP2, dist.wrap).
 Simplified: a global batch that does not fill up at an epoch's end is dropped; the held-out
 split is the last eval_frac of the prefs file.
 Run: `python train.py --stage pm --method rlcd [--hh-eval FILE]` (or under `torchrun`); in code
@@ -158,8 +159,8 @@ def _parse_pref(line):
 
 
 def read_prefs(path, skip_bad=False):
-    """Preference records for PM training -> (records, summary): data.read_prefs, the one reader of a
-    preference file (a bad line is a ValueError naming file and line, unless skip_bad skips and
+    """Preference records for PM training -> (records, summary): data.read_prefs, the one reader of
+    a preference file (a bad line is a ValueError naming file and line, unless skip_bad skips and
     counts it)."""
     from nanorlcd.data import read_prefs as read
     return read(path, skip_bad=skip_bad)

@@ -9,6 +9,7 @@ AdamW (weight decay 0, betas 0.9 / 0.999), lr 2e-5, 3 % warmup, cosine decay to 
 loss a mean over examples of each one's mean token loss: SFTConfig expresses all of it.
 Simplified: `packing=True` (toy pretraining, as nanoGPT) packs whole examples into rows where they
 attend to each other; an over-long example keeps its last tokens (the reference keeps its first).
+Under torchrun, SFTConfig.strategy replicates the model (DDP) or shards it (FSDP2, dist.wrap).
 Run: `python train.py --stage sft`; in code `train_lm(SFTConfig(), model, tok, train, val, out)`.
 """
 import hashlib
