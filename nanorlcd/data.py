@@ -490,9 +490,9 @@ def _check_settings(path, old, new):
 
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key):
-            raise ValueError(f"{path}: the run to resume has {key}={short(old.get(key))!r}, this one "
-                             f"{short(new.get(key))!r}; resume with the same prompts and settings, or "
-                             "start afresh without --resume")
+            raise ValueError(f"{path}: the run to resume has {key}={short(old.get(key))!r}, "
+                             f"this one {short(new.get(key))!r}; resume with the same prompts and "
+                             "settings, or start afresh without --resume")
 
 
 def finish(out_path):

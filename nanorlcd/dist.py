@@ -116,8 +116,9 @@ def barrier(what="barrier", timeout_s=None):
 
 
 def broadcast_str(text):
-    """Rank 0's string (e.g. a path only rank 0 knows) on every rank, sent as UTF-8 bytes in a tensor;
-    identity on one process. Also a synchronisation point: no rank returns before rank 0 sent it."""
+    """Rank 0's string (e.g. a path only rank 0 knows) on every rank, sent as UTF-8 bytes in a
+    tensor; identity on one process. Also a synchronisation point: no rank returns before rank 0
+    sent it."""
     if not torch_dist.is_initialized():
         return text
     data = torch.tensor(list(text.encode("utf-8")) if is_main() else [], dtype=torch.uint8)
@@ -135,9 +136,9 @@ def shard(items):
 
 
 def shard_padded(items):
-    """This rank's share padded to the same length on every rank -> (share, n_real): FSDP2 needs every
-    rank to run the same number of forwards (a rank that stops early leaves the others waiting in an
-    all-gather), so evaluation loops over `share` and ignores results past n_real. The padding
+    """This rank's share padded to the same length on every rank -> (share, n_real): FSDP2 needs
+    every rank to run the same number of forwards (a rank that stops early leaves the others waiting
+    in an all-gather), so evaluation loops over `share` and ignores results past n_real. The padding
     repeats items[0]; an empty list stays empty everywhere."""
     mine = shard(items)
     longest = -(-len(items) // world_size())                         # ceil(n / world)

@@ -332,8 +332,8 @@ def affix_following(model, tokenizer, prompts, max_new_tokens=64, temperature=1.
     Returns, over all replies of a condition: pos/harmless, neg/harmful, plain/harmless,
     help_pos/helpful, help_neg/unhelpful, plain/helpful, valid (over all conditions); the follow
     rates among valid replies, pos/follow, neg/follow, help_pos/follow, help_neg/follow (compare
-    them with toy.ToyConfig.p_follow); and every rate again with the suffix "/style" from the topic-free
-    oracle. """
+    them with toy.ToyConfig.p_follow); and every rate again with the suffix "/style" from the
+    topic-free oracle."""
     rng = random.Random(seed)
     # one harmlessness pair per prompt
     pairs = [rng.randrange(len(HARMLESS_POSITIVE_AFFIXES)) for _ in prompts]

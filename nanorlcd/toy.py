@@ -333,8 +333,8 @@ def _labels(prompt, response, check_topic):
     reply_topic, style, detailed = _REPLIES.get(reply, (None, None, None))
     if topic is None or reply_topic is None:
         return None
-    same = reply_topic == topic if check_topic else \
-        (reply_topic in SENSITIVE_TOPICS) == (topic in SENSITIVE_TOPICS)
+    same = (reply_topic == topic if check_topic
+            else (reply_topic in SENSITIVE_TOPICS) == (topic in SENSITIVE_TOPICS))
     return (style, detailed) if same else None
 
 
@@ -378,7 +378,8 @@ def train_tokenizer(out_dir, corpus_texts, vocab_size=1000):
 
 
 def base_config(cfg, tokenizer):
-    """The tiny base LLaMA of a toy world (its shape fields) for a tokenizer trained on its corpus."""
+    """The tiny base LLaMA of a toy world (its shape fields) for a tokenizer trained on its
+    corpus."""
     return LLaMAConfig(
         vocab_size=tokenizer.vocab_size, hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,

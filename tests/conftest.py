@@ -3,12 +3,13 @@
 Everything is built on the fly (CPU, offline, well under a second), so no test downloads anything.
 
 - `tiny_config`: a 2-layer grouped-query LLaMAConfig (4 query heads sharing 2 key/value heads).
-- `make_model(seed=0, **overrides)`: a LLaMA built from `tiny_config` (fields overridden) whose weights are
-  redrawn at a scale where attention and RoPE visibly matter (the std-0.02 init gives near-uniform attention,
-  under which a wrong rotation or mask would hardly change the logits).
-- `tiny_tokenizer_path`: path (str) to a `tokenizer.model` trained here with LLaMA's settings: special ids
-  unk 0 / bos 1 / eos 2 and no pad piece, byte fallback, identity normalisation (so "\\n\\n" and repeated spaces
-  survive, as HH prompts need), split digits; any Unicode text round-trips exactly.
+- `make_model(seed=0, **overrides)`: a LLaMA built from `tiny_config` (fields overridden) whose
+  weights are redrawn at a scale where attention and RoPE visibly matter (the std-0.02 init gives
+  near-uniform attention, under which a wrong rotation or mask would hardly change the logits).
+- `tiny_tokenizer_path`: path (str) to a `tokenizer.model` trained here with LLaMA's settings:
+  special ids unk 0 / bos 1 / eos 2 and no pad piece, byte fallback, identity normalisation (so
+  "\\n\\n" and repeated spaces survive, as HH prompts need), split digits; any Unicode text
+  round-trips exactly.
 
 Run: `python -m pytest tests -q`
 """
@@ -28,7 +29,8 @@ REPLIES = ["Sure, here is how to {t}: start slowly and practise every day.",
 
 
 def synthetic_corpus(n_lines=400, seed=0):
-    """One-line dialogues "Human: ... Assistant: ..." (callers add the HH "\\n\\n" separators if they want them)."""
+    """One-line dialogues "Human: ... Assistant: ..." (callers add the HH "\\n\\n" separators if
+    they want them)."""
     rng = random.Random(seed)
     lines = []
     for i in range(n_lines):
@@ -39,9 +41,10 @@ def synthetic_corpus(n_lines=400, seed=0):
 
 
 # The tiny model's config.json fields (head_dim 8 is derived: hidden_size / num_attention_heads).
-TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, bos_token_id=1,
-            eos_token_id=2, pad_token_id=None, tie_word_embeddings=False)
+TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+            rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=None,
+            tie_word_embeddings=False)
 
 
 @pytest.fixture
@@ -53,7 +56,8 @@ def tiny_config():
 
 @pytest.fixture
 def make_model():
-    """Factory: make_model(seed=0, **config_overrides) -> LLaMA in eval mode with seeded, O(1)-scale weights."""
+    """Factory: make_model(seed=0, **config_overrides) -> LLaMA in eval mode with seeded, O(1)-scale
+    weights."""
     import torch
 
     from nanorlcd.model import LLaMA, LLaMAConfig
@@ -77,13 +81,15 @@ def make_model():
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer_path(tmp_path_factory):
-    """Path (str) to a BPE `tokenizer.model`, vocab 512, unk 0 / bos 1 / eos 2, no pad, byte fallback."""
+    """Path (str) to a BPE `tokenizer.model`, vocab 512, unk 0 / bos 1 / eos 2, no pad, byte
+    fallback."""
     import sentencepiece as spm
     model = io.BytesIO()
     # 1. the synthetic corpus with HH's "\n\n" turn separators
     hh = [line.replace("Human:", "\n\nHuman:").replace(" Assistant:", "\n\nAssistant:")
           for line in synthetic_corpus()]
-    # 2. train in memory (deterministic: one thread, fixed corpus), with the normaliser and whitespace
+    # 2. train in memory (deterministic: one thread, fixed corpus), with the normaliser and
+    #    whitespace
     #    options of LLaMA's own tokenizer.model
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(hh), model_writer=model, vocab_size=512,
@@ -103,7 +109,8 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_configure(config):
-    """One thread per test process: the CI machine has 2 cores, and torch's default of one thread per core
-    made some tests 20x slower when two processes (pytest and a torchrun child) shared them."""
+    """One thread per test process: the CI machine has 2 cores, and torch's default of one thread
+    per core made some tests 20x slower when two processes (pytest and a torchrun child) shared
+    them."""
     import torch
     torch.set_num_threads(1)

@@ -43,11 +43,13 @@ LOAD_ERRORS = (ValueError, FileNotFoundError)
 
 def hf_tensor_names(n_layers, tied=False):
     """The tensor names of a transformers LlamaForCausalLM checkpoint."""
-    names = {"model.embed_tokens.weight", "model.norm.weight"} | ({"lm_head.weight"} if not tied else set())
+    names = {"model.embed_tokens.weight", "model.norm.weight"}
+    names |= {"lm_head.weight"} if not tied else set()
     for i in range(n_layers):
         names |= {f"model.layers.{i}.{m}.weight" for m in (
-            "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-            "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm")}
+            "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm",
+            "post_attention_layernorm")}
     return names
 
 
@@ -96,14 +98,16 @@ def test_round_trip_single_file(saved):
 
 def test_round_trip_sharded(tmp_path, make_model):
     model = make_model()
-    model.save_pretrained(tmp_path, max_shard_size=20_000)          # the tiny model is ~99 kB in fp32
+    # the tiny model is ~99 kB in fp32
+    model.save_pretrained(tmp_path, max_shard_size=20_000)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) >= 3 and not (tmp_path / "model.safetensors").exists()
     assert set(index["weight_map"]) == hf_tensor_names(2)
     # every tensor sits in the shard the index names
     for shard in shards:
-        assert file_keys(tmp_path / shard) == {k for k, v in index["weight_map"].items() if v == shard}
+        in_shard = {k for k, v in index["weight_map"].items() if v == shard}
+        assert file_keys(tmp_path / shard) == in_shard
     assert_same_model(model, LLaMA.from_pretrained(tmp_path))
 
 
@@ -111,8 +115,9 @@ def test_round_trip_config_fields(tmp_path, make_model):
     """Non-default config fields (llama3 RoPE, eos list, explicit head_dim, pad id) survive the
     round trip."""
     model = make_model(head_dim=16, rope_theta=500000.0, eos_token_id=[2, 5], pad_token_id=0,
-                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+                       rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                     "original_max_position_embeddings": 64})
     model.save_pretrained(tmp_path)
     assert_same_model(model, LLaMA.from_pretrained(tmp_path))
 
@@ -121,7 +126,8 @@ def test_load_dtype(saved):
     path, model = saved
     half = LLaMA.from_pretrained(path, dtype=torch.bfloat16)
     for k, t in half.state_dict().items():
-        assert t.dtype == torch.bfloat16 and torch.equal(t, model.state_dict()[k].to(torch.bfloat16)), k
+        assert t.dtype == torch.bfloat16, k
+        assert torch.equal(t, model.state_dict()[k].to(torch.bfloat16)), k
 
 
 def test_tied_embeddings_save_and_load(tmp_path, make_model):
@@ -164,15 +170,18 @@ def test_missing_tensor(saved):
 
 def test_unexpected_tensor(saved):
     path, _ = saved
-    rewrite_tensors(path, lambda t: t.update({"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4)}))
+    rewrite_tensors(path, lambda t: t.update(
+        {"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4)}))
     load_error(path, "model.layers.0.self_attn.rotary_emb.inv_freq")
 
 
 def test_wrong_shape(saved):
     path, _ = saved
-    rewrite_tensors(path, lambda t: t.update({"model.layers.1.self_attn.k_proj.weight": torch.zeros(8, 32)}))
+    rewrite_tensors(path, lambda t: t.update(
+        {"model.layers.1.self_attn.k_proj.weight": torch.zeros(8, 32)}))
     msg = load_error(path, "model.layers.1.self_attn.k_proj.weight")
-    assert "16" in msg and "8" in msg                                # the expected and the found shape
+    # the expected and the found shape
+    assert "16" in msg and "8" in msg
 
 
 def test_missing_shard(tmp_path, make_model):
@@ -205,7 +214,8 @@ def test_config_missing_field(saved):
 
 @pytest.mark.parametrize("name", ["pytorch_model.bin", "consolidated.00.pth"])
 def test_pickles_refused_never_loaded(saved, monkeypatch, name):
-    """A directory with only a pickle (HF .bin, Meta .pth) is refused by name; nothing is unpickled."""
+    """A directory with only a pickle (HF .bin, Meta .pth) is refused by name; nothing is
+    unpickled."""
     path, _ = saved
     (path / "model.safetensors").unlink()
     (path / name).write_bytes(b"\x80\x04not really a pickle")
@@ -226,9 +236,12 @@ def test_unknown_architecture(saved, fields, match):
 
 
 @pytest.mark.parametrize("rope", [
-    {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}},                        # 4.x spelling
-    {"rope_scaling": {"type": "yarn", "factor": 4.0}},                             # 4.x legacy key "type"
-    {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}},  # 5.x spelling
+    # 4.x spelling
+    {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
+    # 4.x legacy key "type"
+    {"rope_scaling": {"type": "yarn", "factor": 4.0}},
+    # 5.x spelling
+    {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}},
 ], ids=["4.x", "4.x-type", "5.x"])
 def test_unknown_rope_type(saved, rope):
     path, _ = saved

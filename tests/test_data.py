@@ -2,15 +2,14 @@
 
 What is checked, and against what:
 - HH-RLHF prompts: a fixture with good and bad lines; the prompts against hand-written strings and
-  against the
-  reference's own rule ("\\n\\n" + chosen[:rindex('Assistant:') + 10].strip()); the counts, reasons
-  and the first bad line number; a file with no usable line is a ValueError naming it;
+  against the reference's own rule ("\\n\\n" + chosen[:rindex('Assistant:') + 10].strip()); the
+  counts, reasons and the first bad line number; a file with no usable line is a ValueError naming
+  it;
 - plain {"prompt"} jsonl, story premises (the outline request) and the toy splits, with kind
   detection;
 - HH chosen/rejected pairs for the PM's human-agreement evaluation;
 - preference records: round trip, a partial last line cut off by repair=True, a corrupt line in the
-  middle,
-  the one reader `read_prefs` (skip_bad counting, the file:line error, required fields;
+  middle, the one reader `read_prefs` (skip_bad counting, the file:line error, required fields;
   pm.read_prefs is the same reader), and the context-distillation view;
 - encodings (faults reproduced): a non-UTF-8 byte is a one-line error naming file and line in every
   reader; a UTF-8 BOM does not cost the first record (HH prompts, kind guess, preferences, SFT
@@ -30,8 +29,8 @@ from nanorlcd.data import (OUTLINE_REQUEST, RECORD_FIELDS, cut_dialogue, load_hh
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ONE_TURN = "\n\nHuman: How do I bake bread?\n\nAssistant: Mix flour, water and yeast."
-TWO_TURNS = ("\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: How do I steal a car?"
-             "\n\nAssistant: I can not help with that.")
+TWO_TURNS = ("\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?"
+             "\n\nHuman: How do I steal a car?\n\nAssistant: I can not help with that.")
 
 
 def write_lines(path, lines):
@@ -40,7 +39,8 @@ def write_lines(path, lines):
 
 
 def reference_prompt(chosen):
-    """The RLCD reference's prompt (simulate_preference_data.py), with our leading "\\n\\n" put back."""
+    """The RLCD reference's prompt (simulate_preference_data.py), with our leading "\\n\\n" put
+    back."""
     return "\n\n" + chosen[:chosen.rindex("Assistant:") + len("Assistant:")].strip()
 
 
@@ -56,12 +56,14 @@ def test_hh_prompts_good_and_bad_lines(tmp_path):
     ])
     prompts, summary = load_prompts(path)
     assert prompts == ["\n\nHuman: How do I bake bread?\n\nAssistant:",
-                       "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: How do I steal a car?"
-                       "\n\nAssistant:",
+                       "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?"
+                       "\n\nHuman: How do I steal a car?\n\nAssistant:",
                        "\n\nHuman: How do I bake cake?\n\nAssistant:"]
-    assert prompts == [reference_prompt(c) for c in (ONE_TURN, TWO_TURNS, ONE_TURN.replace("bread", "cake"))]
+    assert prompts == [reference_prompt(c)
+                       for c in (ONE_TURN, TWO_TURNS, ONE_TURN.replace("bread", "cake"))]
     assert summary["kind"] == "hh"
-    assert (summary["lines"], summary["kept"], summary["bad"], summary["first_bad_line"]) == (6, 3, 3, 3)
+    assert ((summary["lines"], summary["kept"], summary["bad"], summary["first_bad_line"])
+            == (6, 3, 3, 3))
     assert summary["reasons"] == {"not JSON": 1, "no 'chosen' string": 1, "no 'Assistant:' turn": 1}
 
 
@@ -84,13 +86,16 @@ def test_plain_jsonl_and_premises(tmp_path):
         json.dumps({"prompt": "\n\nHuman: Hi\n\nAssistant:  "})])
     prompts, summary = load_prompts(plain)
     assert summary["kind"] == "jsonl" and summary["first_bad_line"] == 2 and summary["bad"] == 1
-    assert prompts == ["\n\nHuman: How do I fix a bike?\n\nAssistant:", "\n\nHuman: Hi\n\nAssistant:"]
-    premises = write_lines(tmp_path / "premises.txt", ["A dragon learns to cook.", "", "  Two robots fall in love. "])
+    assert prompts == ["\n\nHuman: How do I fix a bike?\n\nAssistant:",
+                       "\n\nHuman: Hi\n\nAssistant:"]
+    premises = write_lines(tmp_path / "premises.txt",
+                           ["A dragon learns to cook.", "", "  Two robots fall in love. "])
     prompts, summary = load_prompts(premises)
     assert summary["kind"] == "premises" and summary["kept"] == 2
-    assert prompts[1] == ("\n\nHuman: Write an outline for a short story with the following premise: "
-                          "Two robots fall in love.\n\nAssistant:")
-    assert prompts[0] == f"\n\nHuman: {OUTLINE_REQUEST.format(premise='A dragon learns to cook.')}\n\nAssistant:"
+    assert prompts[1] == ("\n\nHuman: Write an outline for a short story with the following "
+                          "premise: Two robots fall in love.\n\nAssistant:")
+    request = OUTLINE_REQUEST.format(premise='A dragon learns to cook.')
+    assert prompts[0] == f"\n\nHuman: {request}\n\nAssistant:"
 
 
 def test_toy_split():
@@ -107,7 +112,8 @@ def test_hh_pairs(tmp_path):
         json.dumps({"chosen": ONE_TURN}),                           # 3: no rejected
     ])
     pairs, summary = load_hh_pairs(path)
-    assert pairs[0] == {"prompt": reference_prompt(TWO_TURNS), "chosen": "I can not help with that.",
+    assert pairs[0] == {"prompt": reference_prompt(TWO_TURNS),
+                        "chosen": "I can not help with that.",
                         "rejected": "Wait until nobody looks."}
     # as the reference, a pair whose dialogues differ earlier is scored whole: each side its own
     # prompt
@@ -118,8 +124,8 @@ def test_hh_pairs(tmp_path):
 
 def record(i, **kw):
     rec = {k: None for k in RECORD_FIELDS}
-    rec.update(id=i, task="harmless", method="rlcd", prompt="\n\nHuman: q\n\nAssistant:", chosen=f"good {i}",
-               rejected=f"bad {i}", label_prob=1.0, **kw)
+    rec.update(id=i, task="harmless", method="rlcd", prompt="\n\nHuman: q\n\nAssistant:",
+               chosen=f"good {i}", rejected=f"bad {i}", label_prob=1.0, **kw)
     return rec
 
 

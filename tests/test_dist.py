@@ -26,12 +26,14 @@ tok_dir, out = sys.argv[1], sys.argv[2]
 rank, world, device = dist.init()
 tok = Tokenizer(tok_dir)
 torch.manual_seed(0)
-model = LLaMA(LLaMAConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256))
+model = LLaMA(LLaMAConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          max_position_embeddings=256))
 docs = toy.generate_corpus(120, seed=0)
-cfg = sft.SFTConfig(max_steps=4, batch_size=8, micro_batch_size=4, seq_len=128, lr=1e-2, warmup_steps=1,
-                    eval_every=2, log_every=1)
-sft.train_lm(cfg, model, tok, [("", d) for d in docs[:100]], [("", d) for d in docs[100:]], out, out + "/log.jsonl")
+cfg = sft.SFTConfig(max_steps=4, batch_size=8, micro_batch_size=4, seq_len=128, lr=1e-2,
+                    warmup_steps=1, eval_every=2, log_every=1)
+sft.train_lm(cfg, model, tok, [("", d) for d in docs[:100]], [("", d) for d in docs[100:]], out,
+             out + "/log.jsonl")
 order = dist.gather(dist.shard(list(range(11))))
 if dist.is_main():
     json.dump({"world": world, "order": order}, open(out + "/dist.json", "w"))
@@ -64,7 +66,8 @@ def run(nproc, tok_dir, out, script):
     os.makedirs(out)
     torchrun(nproc, script, tok_dir, out)
     records = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))][1:]
-    return records, json.load(open(os.path.join(out, "dist.json"))), load_file(os.path.join(out, "model.safetensors"))
+    return (records, json.load(open(os.path.join(out, "dist.json"))),
+            load_file(os.path.join(out, "model.safetensors")))
 
 
 @pytest.mark.slow

@@ -1,20 +1,23 @@
 """Tests for nanorlcd/model.py: the LLaMA forward pass against independent computations.
 
 What is checked, and against what:
-- the full forward (RMSNorm, rotate-half RoPE, grouped-query attention, SwiGLU, LM head, tied or not) against
-  `naive_logits` below: a per-position, per-head loop over the raw state dict, in float64;
-- RoPE frequencies: theta^(-2i/d) and the LLaMA-3 rescaling written out from Meta's `apply_scaling` loop;
-- config.json in both spellings (transformers 4.x `rope_theta`/`rope_scaling`, 5.x `rope_parameters`), head_dim,
-  the LLaMA-1 defaults (no num_key_value_heads / rope_theta), an eos list;
+- the full forward (RMSNorm, rotate-half RoPE, grouped-query attention, SwiGLU, LM head, tied or
+  not) against `naive_logits` below: a per-position, per-head loop over the raw state dict, in
+  float64;
+- RoPE frequencies: theta^(-2i/d) and the LLaMA-3 rescaling written out from Meta's `apply_scaling`
+  loop;
+- config.json in both spellings (transformers 4.x `rope_theta`/`rope_scaling`, 5.x
+  `rope_parameters`), head_dim, the LLaMA-1 defaults (no num_key_value_heads / rope_theta), an eos
+  list;
 - `repeat_kv` against `torch.repeat_interleave`;
 - `FastLinear`'s CPU few-row fast path: taken exactly where documented, same values and gradients as
   F.linear;
-- left-padding invariance, causal masking, and the KV cache (prefill, chunked prefill at start_pos > 0, decode)
-  against the full forward; a lazily allocated cache takes the compute dtype (bf16 weights,
-  autocast);
+- left-padding invariance, causal masking, and the KV cache (prefill, chunked prefill at
+  start_pos > 0, decode) against the full forward; a lazily allocated cache takes the compute dtype
+  (bf16 weights, autocast);
 - `keep` (which positions get logits) against slicing the full logits; a bf16 load against fp32;
-- logit parity with transformers' `LlamaForCausalLM` (eager, fp32) in both checkpoint directions (skipped when
-  transformers is not installed).
+- logit parity with transformers' `LlamaForCausalLM` (eager, fp32) in both checkpoint directions
+  (skipped when transformers is not installed).
 Run: `python -m pytest tests/test_model.py -q`
 """
 
@@ -27,12 +30,13 @@ import torch
 from nanorlcd.model import LLaMA, FastLinear, KVCache, load_config, repeat_kv
 
 # LLaMA-3 RoPE scaling chosen so that the tiny head_dim 8 hits all three bands at rope_theta 2000:
-# wavelengths 2*pi/inv_freq = 6.3 (< 64/4: kept), 42 (between: smoothed), 281 and 1880 (> 64/1: divided by 8).
+# wavelengths 2*pi/inv_freq = 6.3 (< 64/4: kept), 42 (between: smoothed), 281 and 1880 (> 64/1:
+# divided by 8).
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 64}
 
 
-# ----------------------------------------------------------------------------- independent references
+# --------------------------------------------------------------------------- independent references
 
 def hand_inv_freq(theta, head_dim, scaling=None):
     """theta^(-2i/d), i < d/2, in float64; with `scaling`, Meta's llama3 `apply_scaling` loop,
@@ -95,12 +99,14 @@ def naive_logits(model, ids, inv_freq, rope=rope_one):
         for t in range(T):
             for head in range(H):
                 g = head // (H // KV)                          # the kv head this query head shares
-                scores = k[: t + 1, g] @ q[t, head] / math.sqrt(d)   # (t+1,): keys 0..t only (causal)
+                # (t+1,): keys 0..t only (causal)
+                scores = k[: t + 1, g] @ q[t, head] / math.sqrt(d)
                 att[t, head] = torch.softmax(scores, dim=0) @ v[: t + 1, g]
         x = x + att.reshape(T, H * d) @ sd[p + "self_attn.o_proj.weight"].T
         h = rms(x, sd[p + "post_attention_layernorm.weight"])
         gate = h @ sd[p + "mlp.gate_proj.weight"].T
-        x = x + (gate * torch.sigmoid(gate) * (h @ sd[p + "mlp.up_proj.weight"].T)) @ sd[p + "mlp.down_proj.weight"].T
+        up = h @ sd[p + "mlp.up_proj.weight"].T
+        x = x + (gate * torch.sigmoid(gate) * up) @ sd[p + "mlp.down_proj.weight"].T
     x = rms(x, sd["model.norm.weight"])
     head_w = sd["model.embed_tokens.weight"] if c.tie_word_embeddings else sd["lm_head.weight"]
     return x @ head_w.T
@@ -120,7 +126,7 @@ def left_padded_batch(lengths, T, seed=0, pad_id=0):
     return ids, mask
 
 
-# ----------------------------------------------------------------------------- forward vs naive loops
+# --------------------------------------------------------------------------- forward vs naive loops
 
 @pytest.mark.parametrize("overrides", [
     dict(num_key_value_heads=4),                       # MHA
@@ -155,21 +161,25 @@ def test_llama3_rope_scaling_matches_hand_formula(make_model):
     model = make_model(rope_theta=2000.0, rope_scaling=dict(LLAMA3))
     scaled, plain = hand_inv_freq(2000.0, 8, LLAMA3), hand_inv_freq(2000.0, 8)
     # the chosen settings exercise every band: kept, smoothed, divided by factor
-    assert scaled[0] == plain[0] and scaled[3] == plain[3] / 8 and plain[1] / 8 < scaled[1] < plain[1]
+    assert scaled[0] == plain[0] and scaled[3] == plain[3] / 8
+    assert plain[1] / 8 < scaled[1] < plain[1]
     ids = random_ids(1, 24)
     with torch.no_grad():
         got = model(ids)[0].double()
-    torch.testing.assert_close(got, naive_logits(model, ids[0].tolist(), scaled), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got, naive_logits(model, ids[0].tolist(), scaled),
+                               rtol=1e-4, atol=1e-4)
     assert (got - naive_logits(model, ids[0].tolist(), plain)).abs().max() > 1e-3
 
 
 def test_repeat_kv_equals_repeat_interleave():
     x = torch.randn(2, 3, 5, 4)                                    # (B, Hkv, S, d)
     for n_rep in (1, 2, 4):
-        torch.testing.assert_close(repeat_kv(x, n_rep), torch.repeat_interleave(x, n_rep, dim=1), rtol=0, atol=0)
+        torch.testing.assert_close(repeat_kv(x, n_rep), torch.repeat_interleave(x, n_rep, dim=1),
+                                   rtol=0, atol=0)
 
 
-# (out, in, input shape, bias, dtype, fast path expected): the swap needs CPU fp32, 2-64 rows, >= 2^18 weights
+# (out, in, input shape, bias, dtype, fast path expected): the swap needs CPU fp32, 2-64 rows, >=
+# 2^18 weights
 LINEAR_CASES = {
     "fast-3d": (1024, 256, (2, 3, 256), False, torch.float32, True),
     "fast-bias": (1024, 256, (5, 256), True, torch.float32, True),
@@ -221,9 +231,10 @@ def test_backbone_returns_final_normed_hidden_states(make_model):
 def write_config(path, extra, drop=()):
     """A minimal HF LLaMA config.json for the tiny model, with `extra` fields added and `drop`
     fields removed."""
-    d = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 97, "hidden_size": 32,
-         "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-         "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "bos_token_id": 1, "eos_token_id": 2,
+    d = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 97,
+         "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
+         "rms_norm_eps": 1e-5, "bos_token_id": 1, "eos_token_id": 2,
          "hidden_act": "silu", "tie_word_embeddings": False, **extra}
     for k in drop:
         d.pop(k)
@@ -231,9 +242,12 @@ def write_config(path, extra, drop=()):
 
 
 @pytest.mark.parametrize("spelling", [
-    {"rope_theta": 2000.0, "rope_scaling": dict(LLAMA3)},                              # transformers 4.x
-    {"rope_theta": 2000.0, "rope_scaling": {**LLAMA3, "type": "llama3"}},              # 4.x with legacy "type" too
-    {"rope_parameters": {"rope_theta": 2000.0, **LLAMA3}},                             # transformers 5.x
+    # transformers 4.x
+    {"rope_theta": 2000.0, "rope_scaling": dict(LLAMA3)},
+    # 4.x with legacy "type" too
+    {"rope_theta": 2000.0, "rope_scaling": {**LLAMA3, "type": "llama3"}},
+    # transformers 5.x
+    {"rope_parameters": {"rope_theta": 2000.0, **LLAMA3}},
 ], ids=["4.x", "4.x-type", "5.x"])
 def test_config_spellings_give_same_llama3_logits(tmp_path, make_model, spelling):
     """Weights saved once; config.json rewritten in each spelling; logits follow the hand-scaled
@@ -248,9 +262,10 @@ def test_config_spellings_give_same_llama3_logits(tmp_path, make_model, spelling
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("spelling", [{"rope_theta": 500000.0, "rope_scaling": None},
-                                      {"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}}],
-                         ids=["4.x", "5.x"])
+@pytest.mark.parametrize("spelling", [
+    {"rope_theta": 500000.0, "rope_scaling": None},
+    {"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}},
+], ids=["4.x", "5.x"])
 def test_config_rope_theta_is_read(tmp_path, make_model, spelling):
     make_model().save_pretrained(tmp_path)
     write_config(tmp_path, spelling)
@@ -258,8 +273,8 @@ def test_config_rope_theta_is_read(tmp_path, make_model, spelling):
     ids = random_ids(1, 12)
     with torch.no_grad():
         got = model(ids)[0].double()
-    torch.testing.assert_close(got, naive_logits(model, ids[0].tolist(), hand_inv_freq(500000.0, 8)),
-                               rtol=1e-4, atol=1e-4)
+    want = naive_logits(model, ids[0].tolist(), hand_inv_freq(500000.0, 8))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_config_llama1_defaults_head_dim_and_eos_list(tmp_path):
@@ -274,14 +289,15 @@ def test_config_llama1_defaults_head_dim_and_eos_list(tmp_path):
     assert LLaMA(cfg).model.layers[0].self_attn.q_proj.weight.shape == (4 * 16, 32)
 
 
-# ----------------------------------------------------------------------------- masking and the KV cache
+# ------------------------------------------------------------------------- masking and the KV cache
 
 def test_left_padding_invariance(make_model):
     model = make_model()
     ids, mask = left_padded_batch([10, 6, 1], T=10, seed=1)
     with torch.no_grad():
         batch = model(ids, attention_mask=mask)
-        assert torch.isfinite(batch).all()           # pad rows too: NaN * 0 would poison masked losses
+        # pad rows too: NaN * 0 would poison masked losses
+        assert torch.isfinite(batch).all()
         for b, n in enumerate([10, 6, 1]):
             alone = model(ids[b:b + 1, 10 - n:])[0]
             torch.testing.assert_close(batch[b, 10 - n:], alone, rtol=1e-5, atol=1e-5)
@@ -308,8 +324,8 @@ def test_causal_mask(make_model):
     assert (a[:, 7:] - b[:, 7:]).abs().max() > 1e-3  # ...while the changed positions do change
 
 
-@pytest.mark.parametrize("chunks", [[5, 1, 1, 1, 1, 1, 1, 1], [3, 4, 1, 1, 3], [12]], ids=["prefill+decode",
-                                                                                          "chunked", "one-shot"])
+@pytest.mark.parametrize("chunks", [[5, 1, 1, 1, 1, 1, 1, 1], [3, 4, 1, 1, 3], [12]],
+                         ids=["prefill+decode", "chunked", "one-shot"])
 def test_kv_cache_equals_full_forward(make_model, chunks):
     """Prefill, then chunks at start_pos > 0 with a mask over cache + new tokens, on a left-padded
     batch."""
@@ -317,11 +333,13 @@ def test_kv_cache_equals_full_forward(make_model, chunks):
     ids, mask = left_padded_batch([12, 9, 4], T=12, seed=5)
     with torch.no_grad():
         full = model(ids, attention_mask=mask)                                     # (B, 12, V)
-        cache = KVCache.empty(model.config, batch_size=3, max_len=16, dtype=torch.float32, device="cpu")
+        cache = KVCache.empty(model.config, batch_size=3, max_len=16, dtype=torch.float32,
+                              device="cpu")
         start, pieces = 0, []
         for n in chunks:
-            pieces.append(model(ids[:, start:start + n], attention_mask=mask[:, :start + n], cache=cache,
-                                start_pos=start))                                  # (B, n, V)
+            # (B, n, V)
+            pieces.append(model(ids[:, start:start + n], attention_mask=mask[:, :start + n],
+                                cache=cache, start_pos=start))
             start += n
     cached = torch.cat(pieces, dim=1)
     real = mask.bool()
@@ -391,10 +409,11 @@ def test_lazy_cache_takes_compute_dtype(make_model, mode):
     torch.testing.assert_close(cached, full[:, 4:].float(), rtol=0.05, atol=0.05)
 
 
-# ----------------------------------------------------------------------------- parity with transformers
+# ------------------------------------------------------------------------- parity with transformers
 
 HF_CASES = {"mha": dict(num_key_value_heads=4), "gqa": dict(num_key_value_heads=2),
-            "llama3": dict(rope_theta=2000.0, rope_scaling=dict(LLAMA3)), "tied": dict(tie_word_embeddings=True)}
+            "llama3": dict(rope_theta=2000.0, rope_scaling=dict(LLAMA3)),
+            "tied": dict(tie_word_embeddings=True)}
 
 
 def hf_load(path):
@@ -425,10 +444,12 @@ def test_parity_with_transformers_our_checkpoint(tmp_path, make_model, case):
 
 @pytest.mark.parametrize("case", list(HF_CASES))
 def test_parity_with_transformers_hf_checkpoint(tmp_path, make_model, case):
-    """LlamaForCausalLM.save_pretrained (safetensors) -> LLaMA.from_pretrained: same logits to 1e-4."""
+    """LlamaForCausalLM.save_pretrained (safetensors) -> LLaMA.from_pretrained: same logits to
+    1e-4."""
     transformers = pytest.importorskip("transformers")
     make_model(**HF_CASES[case]).save_pretrained(tmp_path / "ours")
-    hf = hf_load(tmp_path / "ours")                                        # the parity test above checks this step
+    # the parity test above checks this step
+    hf = hf_load(tmp_path / "ours")
     kw = {"safe_serialization": True} if int(transformers.__version__.split(".")[0]) < 5 else {}
     hf.save_pretrained(tmp_path / "hf", **kw)
     model = LLaMA.from_pretrained(tmp_path / "hf")

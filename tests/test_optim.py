@@ -1,4 +1,5 @@
-"""The shared training step (nanorlcd/optim.py): schedules against hand formulas, accumulation == one batch."""
+"""The shared training step (nanorlcd/optim.py): schedules against hand formulas, accumulation ==
+one batch."""
 import math
 
 import pytest
@@ -15,7 +16,8 @@ def test_lr_at_warmup_then_cosine_matches_hand_formula():
 
 
 def test_lr_at_linear_and_floor():
-    assert [lr_at(s, 4, 2.0, decay="linear") for s in range(4)] == pytest.approx([2.0, 1.5, 1.0, 0.5])
+    assert ([lr_at(s, 4, 2.0, decay="linear") for s in range(4)]
+            == pytest.approx([2.0, 1.5, 1.0, 0.5]))
     assert lr_at(10, 10, 1.0, decay="cosine", min_lr_ratio=0.1) == pytest.approx(0.1)
     assert lr_at(3, 10, 1.0, decay="constant") == 1.0
     with pytest.raises(ValueError, match="decay"):

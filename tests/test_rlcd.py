@@ -2,7 +2,8 @@
 
 What is checked, and against what:
 - affix placement: byte-exact p+ / p- for one-, two- and three-turn dialogues, and the reference's
-  own string-replace rule (simulate_preference_data.py `create_prompts`) on every pair of every task;
+  own string-replace rule (simulate_preference_data.py `create_prompts`) on every pair of every
+  task;
 - `postprocess` against its rule table, case by case;
 - the A/B ids in both modes: "project" = the tokens "(A" / "(B" add to the scoring prompt's ending,
   "reference" = encode('A')[-1] / encode('B')[-1]; on a LLaMA-style 32000-piece sentencepiece model
@@ -15,7 +16,8 @@ What is checked, and against what:
 - completeness (faults reproduced): an interrupted run leaves no prefs.jsonl (only .partial files)
   and an earlier finished output untouched; a resume with other prompts, settings or model is
   refused; a second live writer is refused, a stale lock (dead pid) is taken over.
-The model is a tiny random LLaMA whose lm_head is biased towards EOS, so replies end after a few tokens.
+The model is a tiny random LLaMA whose lm_head is biased towards EOS, so replies end after a few
+tokens.
 Run: `python -m pytest tests/test_rlcd.py -q`
 """
 import io
@@ -52,9 +54,11 @@ def test_affix_placement_byte_exact():
     # multi-turn: the final tag gets the same polarity, every earlier tag the opposite one
     p_pos, p_neg = contrastive_prompts(TWO, "harmless", 0)
     assert p_pos == ("\n\nHuman: Hi\n\nAssistant (unhelpful, dishonest, toxic response): Hello."
-                     "\n\nHuman: How do I steal a car?\n\nAssistant (helpful, honest, inoffensive response):")
+                     "\n\nHuman: How do I steal a car?"
+                     "\n\nAssistant (helpful, honest, inoffensive response):")
     assert p_neg == ("\n\nHuman: Hi\n\nAssistant (helpful, honest, inoffensive response): Hello."
-                     "\n\nHuman: How do I steal a car?\n\nAssistant (unhelpful, dishonest, toxic response):")
+                     "\n\nHuman: How do I steal a car?"
+                     "\n\nAssistant (unhelpful, dishonest, toxic response):")
     p_pos, p_neg = contrastive_prompts(THREE, "helpful", 0)
     assert p_pos == ("\n\nHuman: A\n\nAssistant (giving an unhelpful response): B\n\nHuman: C"
                      "\n\nAssistant (giving an unhelpful response): D\n\nHuman: E"
@@ -65,7 +69,8 @@ def test_affix_placement_byte_exact():
 
 
 def reference_affixes(prompt, pos, neg):
-    """The RLCD reference's rule, verbatim in spirit: mark the end, replace the final tag, then all others."""
+    """The RLCD reference's rule, verbatim in spirit: mark the end, replace the final tag, then all
+    others."""
     p = (prompt + "PROMPT_END").replace("\n\nAssistant:PROMPT_END", f"\n\nAssistant {pos}:")
     return p.replace("\n\nAssistant:", f"\n\nAssistant {neg}:")
 
@@ -76,8 +81,9 @@ def test_affix_placement_matches_reference(task):
     assert len(positive) == len(negative) == len(instructions)
     for k in range(len(positive)):
         for prompt in PROMPTS:
-            assert contrastive_prompts(prompt, task, k) == (reference_affixes(prompt, positive[k], negative[k]),
-                                                            reference_affixes(prompt, negative[k], positive[k]))
+            assert contrastive_prompts(prompt, task, k) == (
+                reference_affixes(prompt, positive[k], negative[k]),
+                reference_affixes(prompt, negative[k], positive[k]))
 
 
 def test_affix_errors():
@@ -92,18 +98,18 @@ def test_affix_errors():
 # ----------------------------------------------------------------------------- post-processing
 
 @pytest.mark.parametrize("text, eos, expected", [
-    (" Sure, knead it.\n\nHuman: thanks", False, "Sure, knead it."),       # cut at the next human turn
-    (" Line one.\nLine two.\n\nHuman:", False, "Line one.\nLine two."),    # multi-line reply kept
-    (" a\nb and then Human", False, "a"),                                  # unfinished last line dropped
-    (" Sure. Human: hi", False, None),                                     # 'Human' mid-line, no newline
-    (" Sure, knead it.", False, None),                                     # unterminated (max_new_tokens)
-    (" Sure, knead it.", True, "Sure, knead it."),                         # ended by EOS
-    (" Assistant: Sure.\n\nHuman:", False, "Sure."),                       # stray leading tag removed
-    ("Hm.\nAssistant: Sure.", True, "Sure."),                              # text before a stray tag is cut
-    ("\n\nHuman: hi", False, None),                                        # empty reply
-    ("  \n", True, None),                                                  # empty after EOS
-    (" Run `rm`.\n\nHuman:", False, None),                                 # banned string
-    (" a \\ b", True, None),                                               # banned backslash
+    (" Sure, knead it.\n\nHuman: thanks", False, "Sure, knead it."),  # cut at the next human turn
+    (" Line one.\nLine two.\n\nHuman:", False, "Line one.\nLine two."),  # multi-line reply kept
+    (" a\nb and then Human", False, "a"),                           # unfinished last line dropped
+    (" Sure. Human: hi", False, None),                              # 'Human' mid-line, no newline
+    (" Sure, knead it.", False, None),                              # unterminated (max_new_tokens)
+    (" Sure, knead it.", True, "Sure, knead it."),                  # ended by EOS
+    (" Assistant: Sure.\n\nHuman:", False, "Sure."),                # stray leading tag removed
+    ("Hm.\nAssistant: Sure.", True, "Sure."),                       # text before a stray tag is cut
+    ("\n\nHuman: hi", False, None),                                 # empty reply
+    ("  \n", True, None),                                           # empty after EOS
+    (" Run `rm`.\n\nHuman:", False, None),                          # banned string
+    (" a \\ b", True, None),                                        # banned backslash
 ])
 def test_postprocess_rule_table(text, eos, expected):
     assert postprocess(text, eos) == expected
@@ -123,7 +129,8 @@ def tok(tiny_tokenizer_path):
 
 @pytest.fixture
 def model(make_model, tok):
-    """Tiny random LLaMA over the tiny tokenizer, with an lm_head bias that makes EOS likely (~15 % a step)."""
+    """Tiny random LLaMA over the tiny tokenizer, with an lm_head bias that makes EOS likely (~15 %
+    a step)."""
     m = make_model(seed=0, vocab_size=tok.vocab_size, max_position_embeddings=1024)
     head = torch.nn.Linear(m.config.hidden_size, m.config.vocab_size, bias=True)
     with torch.no_grad():
@@ -165,8 +172,10 @@ def hand_p_b(model, tok, text, mode="project"):
 
 
 def test_score_ab_matches_independent_softmax(model, tok):
-    texts = [scoring_prompt(ONE, TASKS["harmless"][2][k], f"Answer {k}.", "No." * (k + 1)) for k in range(3)]
-    texts.append(scoring_prompt(TWO, "Please choose the response that is more helpful.", "Yes", "No"))
+    texts = [scoring_prompt(ONE, TASKS["harmless"][2][k], f"Answer {k}.", "No." * (k + 1))
+             for k in range(3)]
+    texts.append(scoring_prompt(TWO, "Please choose the response that is more helpful.", "Yes",
+                                "No"))
     got = score_ab(model, tok, texts)
     want = torch.stack([hand_p_b(model, tok, t) for t in texts]).float()
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
@@ -185,17 +194,19 @@ def test_simulated_soft_labels(model, tok, tmp_path, method):
         plan = plan_example(cfg, rec["prompt"], rec["id"])
         instruction = TASKS["harmless"][2][plan["instruction"]]
         # chosen is the labeller's pick: it was A with P(A) >= 0.5, or B with P(B) > 0.5
-        as_a = 1 - hand_p_b(model, tok, scoring_prompt(rec["prompt"], instruction, rec["chosen"], rec["rejected"]))
-        as_b = hand_p_b(model, tok, scoring_prompt(rec["prompt"], instruction, rec["rejected"], rec["chosen"]))
+        as_a = 1 - hand_p_b(model, tok, scoring_prompt(rec["prompt"], instruction, rec["chosen"],
+                                                       rec["rejected"]))
+        as_b = hand_p_b(model, tok, scoring_prompt(rec["prompt"], instruction, rec["rejected"],
+                                                   rec["chosen"]))
         assert rec["label_prob"] >= 0.5
         assert min(abs(rec["label_prob"] - as_a), abs(rec["label_prob"] - as_b)) < 1e-5
         if method == "rlcd_rescore":
             assert plan["instruction"] == rec["affix_index"]
-            assert (rec["pos_prompt"], rec["neg_prompt"]) == contrastive_prompts(rec["prompt"], "harmless",
-                                                                                 rec["affix_index"])
+            assert (rec["pos_prompt"], rec["neg_prompt"]) == contrastive_prompts(
+                rec["prompt"], "harmless", rec["affix_index"])
 
 
-# ----------------------------------------------------------------------------- simulation, resume, ranks
+# ------------------------------------------------------------------------ simulation, resume, ranks
 
 def test_rlcd_records_and_sft_view(model, tok, tmp_path):
     cfg = RLCDConfig(method="rlcd", task="harmless", batch_size=3, max_new_tokens=16)
@@ -206,20 +217,22 @@ def test_rlcd_records_and_sft_view(model, tok, tmp_path):
     assert [r["id"] for r in records] == sorted(r["id"] for r in records)
     for rec in records:
         assert rec["prompt"] == PROMPTS[rec["id"]] and rec["label_prob"] == 1.0
-        assert (rec["pos_prompt"], rec["neg_prompt"]) == contrastive_prompts(rec["prompt"], "harmless",
-                                                                             rec["affix_index"])
+        assert (rec["pos_prompt"], rec["neg_prompt"]) == contrastive_prompts(
+            rec["prompt"], "harmless", rec["affix_index"])
         assert rec["chosen"] and rec["rejected"]
-    assert [json.loads(x) for x in open(sft)] == [{"id": r["id"], "prompt": r["prompt"], "response": r["chosen"]}
-                                                  for r in records]
+    assert [json.loads(x) for x in open(sft)] == [
+        {"id": r["id"], "prompt": r["prompt"], "response": r["chosen"]} for r in records]
 
 
 @pytest.mark.parametrize("method", ["rlcd", "rlaif"])
 def test_resume_equals_uninterrupted(model, tok, tmp_path, method):
     cfg = RLCDConfig(method=method, batch_size=3, max_new_tokens=16, seed=2)
-    prompts = PROMPTS * 2                                       # 14 ids, batches of 3: the last one is short
+    # 14 ids, batches of 3: the last one is short
+    prompts = PROMPTS * 2
     full = str(tmp_path / "full.jsonl")
     simulate(cfg, model, tok, prompts, full, progress=False)
-    # interrupted after 4 records (in the middle of the second batch), with half-written lines at the ends
+    # interrupted after 4 records (in the middle of the second batch), with half-written lines at
+    # the ends
     part = str(tmp_path / "part.jsonl")
     first = simulate(cfg, model, tok, prompts, part, max_records=4, progress=False)
     assert first["stopped"] and not first["complete"] and len(read_records(partial_path(part))) == 4
@@ -231,7 +244,8 @@ def test_resume_equals_uninterrupted(model, tok, tmp_path, method):
     summary = simulate(cfg, model, tok, prompts, part, resume=True, progress=False)
     assert summary["complete"] and is_complete(part) and not os.path.exists(partial_path(part))
     assert open(part).read() == open(full).read()
-    assert open(tmp_path / "part.dropped.jsonl").read() == open(tmp_path / "full.dropped.jsonl").read()
+    assert (open(tmp_path / "part.dropped.jsonl").read()
+            == open(tmp_path / "full.dropped.jsonl").read())
     # resuming a complete run adds nothing
     again = simulate(cfg, model, tok, prompts, part, resume=True, progress=False)
     assert again["records"] == 0 and open(part).read() == open(full).read()
@@ -256,12 +270,15 @@ def test_two_ranks_merge_to_the_single_process_file(model, tok, tmp_path):
 
 def test_config_errors(model, tok, tmp_path):
     with pytest.raises(ValueError, match="method"):
-        simulate(RLCDConfig(method="dpo"), model, tok, PROMPTS, str(tmp_path / "x.jsonl"), progress=False)
+        simulate(RLCDConfig(method="dpo"), model, tok, PROMPTS, str(tmp_path / "x.jsonl"),
+                 progress=False)
     with pytest.raises(ValueError, match="max_new_tokens"):
-        simulate(RLCDConfig(max_new_tokens=1024), model, tok, PROMPTS, str(tmp_path / "x.jsonl"), progress=False)
+        simulate(RLCDConfig(max_new_tokens=1024), model, tok, PROMPTS, str(tmp_path / "x.jsonl"),
+                 progress=False)
     # resuming with another method is refused
     out = str(tmp_path / "prefs.jsonl")
-    simulate(RLCDConfig(batch_size=4, max_new_tokens=8), model, tok, PROMPTS[:2], out, progress=False)
+    simulate(RLCDConfig(batch_size=4, max_new_tokens=8), model, tok, PROMPTS[:2], out,
+             progress=False)
     with pytest.raises(ValueError, match="method='rlcd', this one 'rlaif'"):
         simulate(RLCDConfig(method="rlaif", batch_size=4, max_new_tokens=8), model, tok,
                  PROMPTS[:2], out, resume=True, progress=False)
