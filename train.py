@@ -39,7 +39,7 @@ from nanorlcd.dialogue import HUMAN, cut_reply
 from nanorlcd.model import LLaMA
 from nanorlcd.pm import (PMConfig, PreferenceModel, check_config as check_pm_config,
                          human_agreement, oracle_accuracy, train_pm)
-from nanorlcd.ppo import PPOConfig, check_config as check_ppo_config, train_ppo
+from nanorlcd.ppo import PPOConfig, check_config as check_ppo_config, make_value_model, train_ppo
 from nanorlcd.rlcd import METHODS, RLCDConfig, simulate
 from nanorlcd.rollout import response_logits, response_logprobs
 from nanorlcd.sample import filter_logits, generate
@@ -120,8 +120,9 @@ LLAMA7B_HARMLESS = Preset(
     run="llama7b-harmless", prompts=None, eval_prompts=None, task="harmless",
     eval_offset=1000, n_eval=1000, sample_max_new_tokens=300, sample_top_p=0.9,
     rlcd=RLCDConfig(batch_size=16, max_new_tokens=300),
-    # 16 pairs per step = 1 pair per GPU x 2 accumulation steps x 8 GPUs, as the reference runs it
-    pm=PMConfig(bf16=True, micro_batch_size=1, save_every=50),
+    # 16 pairs per step = 1 pair per GPU x 2 accumulation steps x 8 GPUs, as the reference runs it;
+    # every model FSDP2-sharded over the 8 GPUs (README, "Scaling up": memory per stage)
+    pm=PMConfig(bf16=True, micro_batch_size=1, strategy="fsdp", activation_checkpointing=True),
     # context distillation as the reference's SFT: one example per row, o+ + "\n\nHuman:" + EOS as
     # the target, mean of per-example losses, 128 examples per step, AdamW beta2 0.999 without
     # weight decay, 3 % warmup then cosine to 0 (a row holds seq_len + 1 = 512 tokens, the
@@ -129,9 +130,10 @@ LLAMA7B_HARMLESS = Preset(
     sft=SFTConfig(epochs=3, batch_size=128, micro_batch_size=1, seq_len=511, packing=False,
                   append_end_marker=True, per_example_loss=True, lr=2e-5, warmup_steps=0,
                   warmup_ratio=0.03, min_lr_ratio=0.0, weight_decay=0.0, beta1=0.9, beta2=0.999,
-                  grad_clip=1.0, bf16=True, save_every=100),
+                  grad_clip=1.0, bf16=True, strategy="fsdp", activation_checkpointing=True),
     dtype="bfloat16",
-    ppo=replace(PPOConfig(), kl_coef=0.004))
+    ppo=replace(PPOConfig(), kl_coef=0.004, bf16=True, strategy="fsdp",
+                activation_checkpointing=True))
 LLAMA7B_HELPFUL = replace(LLAMA7B_HARMLESS, run="llama7b-helpful", task="helpful",
                           rlcd=replace(LLAMA7B_HARMLESS.rlcd, task="helpful"),
                           ppo=replace(LLAMA7B_HARMLESS.ppo, kl_coef=0.002))
@@ -140,8 +142,22 @@ LLAMA7B_HELPFUL = replace(LLAMA7B_HARMLESS, run="llama7b-helpful", task="helpful
 # reused.
 LLAMA7B_OUTLINE = replace(LLAMA7B_HARMLESS, run="llama7b-outline", task="outline", eval_offset=0,
                           rlcd=replace(LLAMA7B_HARMLESS.rlcd, task="outline"))
+# The paper's 30B-simulated data (Tables 2-3, "30B"): simulate with --base a 30B LLaMA, then pm/ppo
+# with the 7B base; 8 rows per rank keep the bf16 30B simulator under 80 GB (bench/memory.py).
+LLAMA30B_SIM_HARMLESS = replace(LLAMA7B_HARMLESS, run="llama30b-sim-harmless",
+                                rlcd=replace(LLAMA7B_HARMLESS.rlcd, batch_size=8))
+# A classroom run on a ~1B LLaMA (e.g. LLaMA-3.2-1B, TinyLlama): smaller batches and replies; PPO
+# needs about 41 GB on one GPU (bench/memory.py), so a 48 GB GPU, or 2 x 24 GB with the fsdp default.
+CLASSROOM_1B = replace(
+    LLAMA7B_HARMLESS, run="classroom-1b", n_eval=200, sample_max_new_tokens=128,
+    rlcd=replace(LLAMA7B_HARMLESS.rlcd, max_new_tokens=128),
+    pm=replace(LLAMA7B_HARMLESS.pm, batch_size=16, micro_batch_size=0, lr=1e-5),
+    sft=replace(LLAMA7B_HARMLESS.sft, batch_size=32, micro_batch_size=0),
+    ppo=replace(LLAMA7B_HARMLESS.ppo, steps=40, rollout_batch_size=64, minibatch_size=32,
+                micro_batch_size=2, gen_batch_size=16, max_new_tokens=128))
 PRESETS = {"toy": TOY, "fast": FAST, "llama7b-harmless": LLAMA7B_HARMLESS,
-           "llama7b-helpful": LLAMA7B_HELPFUL, "llama7b-outline": LLAMA7B_OUTLINE}
+           "llama7b-helpful": LLAMA7B_HELPFUL, "llama7b-outline": LLAMA7B_OUTLINE,
+           "llama30b-sim-harmless": LLAMA30B_SIM_HARMLESS, "classroom-1b": CLASSROOM_1B}
 # the configs inside a Preset, reachable as --<section>.<field>
 SECTIONS = ("toy", "pretrain", "rlcd", "pm", "sft", "ppo")
 
@@ -424,12 +440,25 @@ def stage_ppo(run, method):
     """Paper Sec. 3, step 3: PPO of the base model against pm-<method>."""
     pm_dir = run.need(os.path.join(run.dir, f"pm-{method}"), "pm", f" --method {method}")
     out = run.fresh(os.path.join(run.dir, f"ppo-{method}"))
-    policy, tok = run.base_model(frozen=False)
-    pm = PreferenceModel.from_pretrained(pm_dir, dtype=getattr(torch, run.p.dtype),
-                                         device=dist.device())
+    cfg, dtype = run.p.ppo, getattr(torch, run.p.dtype)
+    run.need(os.path.join(run.base, "config.json"), "pretrain")
+    tok = Tokenizer(run.base)
+    if cfg.strategy == "ddp":
+        # every rank holds all four models; the reference and value model are copies made by train_ppo
+        policy = LLaMA.from_pretrained(run.base, device=dist.device())
+        pm = PreferenceModel.from_pretrained(pm_dir, dtype=dtype, device=dist.device())
+        ref = value = None
+    else:
+        # FSDP2: the trained policy and value load on the CPU (only their shards move to the GPU);
+        # the frozen reference and PM are read by rank 0 and broadcast shard by shard, in `dtype`
+        policy = LLaMA.from_pretrained(run.base, device="cpu")
+        value = make_value_model(PreferenceModel.from_pretrained(pm_dir, device="cpu"),
+                                 cfg.keep_pm_head)
+        ref = dist.load_pretrained(LLaMA, run.base, cfg.strategy, dtype=dtype)
+        pm = dist.load_pretrained(PreferenceModel, pm_dir, cfg.strategy, dtype=dtype)
     prompts = run.prompts(run.args.prompts or run.p.prompts, "--prompts")
     with built_aside(out) as tmp:
-        summary = train_ppo(run.p.ppo, policy.train(), None, pm, None, tok, prompts, tmp)
+        summary = train_ppo(cfg, policy.train(), ref, pm, value, tok, prompts, tmp)
     _summarise(run, f"ppo-{method}", summary)
     return summary
 

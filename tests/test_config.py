@@ -58,7 +58,10 @@ def test_presets_are_derived_not_copied():
     assert train.LLAMA7B_HELPFUL.pm == train.LLAMA7B_HARMLESS.pm
     assert (train.LLAMA7B_HARMLESS.ppo.kl_coef, train.LLAMA7B_HELPFUL.ppo.kl_coef) == (0.004, 0.002)
     assert set(train.PRESETS) == {"toy", "fast", "llama7b-harmless", "llama7b-helpful",
-                                  "llama7b-outline"}
+                                  "llama7b-outline", "llama30b-sim-harmless", "classroom-1b"}
+    # the 7B presets shard every trained model over the GPUs (FSDP2)
+    assert {train.LLAMA7B_HARMLESS.pm.strategy, train.LLAMA7B_HARMLESS.sft.strategy,
+            train.LLAMA7B_HARMLESS.ppo.strategy} == {"fsdp"}
 
 
 @pytest.mark.parametrize("world", [1, 2, 8])
