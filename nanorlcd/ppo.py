@@ -213,6 +213,9 @@ class PPOConfig:
     # models and bookkeeping
     # value head starts as the PM head (True) or zero (False, AlpacaFarm)
     keep_pm_head: bool = False
+    # log π_old from a fresh forward over the sampled tokens (exact); False reuses the sampler's
+    # log-probs (one policy forward fewer; one micro-batch is still recomputed as a check)
+    recompute_logprobs: bool = True
     seed: int = 0                    # prompt order and per-rank sampling seeds
     # under torchrun: "ddp" (replicas) or "fsdp" / "hsdp" (FSDP2 shards of all four models)
     strategy: str = "ddp"
@@ -371,13 +374,15 @@ def rollout_stats(rollout, kl_coef):
     mask = rollout.response_mask
     penalty = kl_coef * rollout.kl.sum(-1)                  # (N,) what the rewards subtracted
     logprob_gap = (rollout.gen_logprobs - rollout.logprobs).abs()       # sampler vs fresh forward
+    # only rows whose log-probs came from a fresh forward can show a gap
+    checked = mask if rollout.recomputed is None else mask * rollout.recomputed[:, None]
     returns_mean, returns_var = masked_moments(rollout.returns, mask)
     _, error_var = masked_moments(rollout.returns - rollout.values, mask)
     stats = {"objective/score": rollout.scores.mean(), "objective/kl": rollout.seq_kl().mean(),
              "objective/reward": (rollout.scores - penalty).mean(), "objective/kl_coef": kl_coef,
              "rollout/response_len": mask.sum(-1).float().mean(),
              "rollout/finished": rollout.finished.float().mean(),
-             "rollout/logprob_gap": masked_mean(logprob_gap, mask),
+             "rollout/logprob_gap": masked_mean(logprob_gap, checked),
              "policy/entropy": masked_mean(rollout.entropy, mask),
              "val/mean": masked_mean(rollout.values, mask), "val/returns_mean": returns_mean,
              # 1 − Var[G − V] / Var[G] over real tokens: how much of the return the value model
@@ -451,7 +456,8 @@ def build_models(cfg, policy, ref, pm, value):
     for frozen in (ref, pm):
         if not dist.is_sharded(frozen):
             frozen.to(device).eval().requires_grad_(False)
-    ac = ActorCritic(policy, value.to(device)).train()
+    # without an entropy bonus the entropy is only logged: no autograd graph for it
+    ac = ActorCritic(policy, value.to(device), entropy_grad=cfg.ent_coef > 0).train()
     # 2. sharding (cfg.strategy): the trained policy + value as ONE root (one optimizer, one grad
     #    clip, one DDP / FSDP2 unit), and under FSDP2 the frozen reference and PM too: each holds
     #    1/world of its weights (at 7B, replicas of the two frozen models would not fit 80 GB).
@@ -513,7 +519,8 @@ def train_ppo(cfg, policy, ref, pm, value, tokenizer, prompts, out_dir, log_path
         #    every rank (equal per-rank prompt counts and chunks)
         with dist.unsharded(ac_ddp), autocast(device, cfg.bf16):
             rollout = collect_rollouts(ac, ref, pm, tokenizer, [kept[i][0] for i in batch],
-                                       [kept[i][1] for i in batch], cfg, sample_gen)
+                                       [kept[i][1] for i in batch], cfg, sample_gen,
+                                       recompute_logprobs=cfg.recompute_logprobs)
         check_finite_rollout(step + 1, rollout)
         # 2-3. per-token rewards with the KL penalty, GAE, whitening
         rollout = compute_advantages(rollout, cfg, kl_coef)
