@@ -102,9 +102,10 @@ TOY = Preset(
     rlcd=RLCDConfig(batch_size=64, max_new_tokens=64),
     pm=PMConfig(batch_size=32, micro_batch_size=0, lr=1e-3, max_len=256, eval_every=20),
     sft=SFTConfig(epochs=3, batch_size=32, micro_batch_size=0, lr=1e-3, warmup_steps=5),
-    ppo=replace(PPOConfig(), steps=16, rollout_batch_size=64, minibatch_size=32, micro_batch_size=0,
-                gen_batch_size=64, max_new_tokens=48, kl_coef=0.2, lr=1e-4, save_every=0,
-                table_every=4))
+    # one warmup step, not the reference's five: 16 steps are all the toy run has (README, Quick start)
+    ppo=replace(PPOConfig(), steps=16, warmup_steps=1, rollout_batch_size=64, minibatch_size=32,
+                micro_batch_size=0, gen_batch_size=64, max_new_tokens=48, kl_coef=0.2, lr=1e-4,
+                save_every=0, table_every=4))
 # The same world shrunk for tests: affixes always obeyed and no judge documents, so that 250 steps
 # teach the base model to follow affixes (the tests check the pipeline, not the noise).
 FAST = replace(TOY, run="toy-fast", toy=replace(TOY.toy, n_train_docs=10000, n_val_docs=100,
