@@ -102,7 +102,8 @@ TOY = Preset(
     rlcd=RLCDConfig(batch_size=64, max_new_tokens=64),
     pm=PMConfig(batch_size=32, micro_batch_size=0, lr=1e-3, max_len=256, eval_every=20),
     sft=SFTConfig(epochs=3, batch_size=32, micro_batch_size=0, lr=1e-3, warmup_steps=5),
-    # one warmup step, not the reference's five: 16 steps are all the toy run has (README, Quick start)
+    # one warmup step, not the reference's five: 16 steps are all the toy run has (README, Quick
+    # start, gives both results)
     ppo=replace(PPOConfig(), steps=16, warmup_steps=1, rollout_batch_size=64, minibatch_size=32,
                 micro_batch_size=0, gen_batch_size=64, max_new_tokens=48, kl_coef=0.2, lr=1e-4,
                 save_every=0, table_every=4))
@@ -148,7 +149,8 @@ LLAMA7B_OUTLINE = replace(LLAMA7B_HARMLESS, run="llama7b-outline", task="outline
 LLAMA30B_SIM_HARMLESS = replace(LLAMA7B_HARMLESS, run="llama30b-sim-harmless",
                                 rlcd=replace(LLAMA7B_HARMLESS.rlcd, batch_size=8))
 # A classroom run on a ~1B LLaMA (e.g. LLaMA-3.2-1B, TinyLlama): smaller batches and replies; PPO
-# needs about 41 GB on one GPU (bench/memory.py), so a 48 GB GPU, or 2 x 24 GB with the fsdp default.
+# needs about 41 GB on one GPU (bench/memory.py), so a 48 GB GPU, or 2 x 24 GB with the fsdp
+# default.
 CLASSROOM_1B = replace(
     LLAMA7B_HARMLESS, run="classroom-1b", n_eval=200, sample_max_new_tokens=128,
     rlcd=replace(LLAMA7B_HARMLESS.rlcd, max_new_tokens=128),
@@ -445,7 +447,7 @@ def stage_ppo(run, method):
     run.need(os.path.join(run.base, "config.json"), "pretrain")
     tok = Tokenizer(run.base)
     if cfg.strategy == "ddp":
-        # every rank holds all four models; the reference and value model are copies made by train_ppo
+        # every rank holds all four models; train_ppo copies the reference and value model
         policy = LLaMA.from_pretrained(run.base, device=dist.device())
         pm = PreferenceModel.from_pretrained(pm_dir, dtype=dtype, device=dist.device())
         ref = value = None

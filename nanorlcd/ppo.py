@@ -169,7 +169,8 @@ class PPOConfig:
     rollout_batch_size: int = 512    # prompts rolled out per step, all ranks together
     # rollouts per optimiser step, all ranks (AlpacaFarm step_batch_size)
     minibatch_size: int = 256
-    micro_batch_size: int = 2        # rollouts per forward/backward on one rank; 0 = minibatch / ranks
+    # rollouts per forward/backward on one rank; 0 = the whole local minibatch (minibatch / ranks)
+    micro_batch_size: int = 2
     gen_batch_size: int = 32         # prompts per generate() call on one rank
     ppo_epochs: int = 2              # passes over each rollout batch (noptepochs)
     max_prompt_len: int = 192        # prompts longer than this (tokens, BOS included) are dropped
