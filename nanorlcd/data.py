@@ -267,7 +267,7 @@ def read_prefs(path, skip_bad=False, repair=False, require=(), empty_ok=False):
         raise ValueError(f"{path}:{summary['first_bad_line']}: bad preference record "
                          f"({summary['bad']} bad lines: {summary['reasons']}); expected JSON with "
                          "'prompt', 'chosen', 'rejected' strings and 'label_prob' in [0, 1] or "
-                         "null (skip_bad=True skips such lines)")
+                         "null (train.py --pm.skip_bad=true skips and counts such lines)")
     if not records and not empty_ok:
         raise ValueError(f"{path}: no usable line ({summary['bad']} bad, first bad line "
                          f"{summary['first_bad_line']}, reasons {summary['reasons']})")
